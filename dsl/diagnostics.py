@@ -73,10 +73,7 @@ class PolicyError(Exception):
         self.source = source
         self.path = path
 
-    _MAX_SHOWN = 100
-
-
-def render(self) -> str:
+    def render(self) -> str:
         return "\n".join(render(d, self.source, self.path) for d in self.diagnostics)
 
 

@@ -52,10 +52,6 @@ def _span(tok: Token) -> Span:
     return Span(start, tok.end_pos if tok.end_pos is not None else start + len(tok))
 
 
-def _node_span(x: Any) -> Span:
-    return _span(x) if isinstance(x, Token) else x.span  # type: ignore[no-any-return]
-
-
 def _checked(node: Any) -> Any:
     if node.depth > MAX_DEPTH:
         raise _TooDeep(node.span)
@@ -159,9 +155,8 @@ class _ParenNewlines:
                 depth += 1
             elif tok.type == "RPAR":
                 depth = max(0, depth - 1)
-            elif tok.type == "_NL":
-                if depth:
-                    continue
+            elif tok.type == "_NL" and depth:
+                continue
             yield tok
 
 
@@ -341,7 +336,7 @@ def _diagnose(e: Exception, text: str) -> Diagnostic:
         code = "E004" if "too large" in e.error.message else "E003"
         return Diagnostic(code, e.error.message, _span(e.token), help=e.error.help)
     if isinstance(e, UnexpectedCharacters):
-        pos = e.pos_in_stream
+        pos = e.pos_in_stream or 0
         ch = text[pos]
         if ch == "`":
             return Diagnostic(
@@ -386,7 +381,8 @@ def _accepted(e: UnexpectedToken) -> set[str]:
     """
     try:
         if e.interactive_parser is not None:
-            return set(e.interactive_parser.accepts())
+            accepts: set[str] = e.interactive_parser.accepts()  # type: ignore[no-untyped-call]
+            return accepts
     except UnexpectedInput:
         pass
     return set(e.expected)

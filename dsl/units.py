@@ -10,6 +10,7 @@ readable text (`0.412` seconds -> `412ms`) for explanations.
 from __future__ import annotations
 
 import decimal
+import itertools
 import math
 import re
 from decimal import Decimal
@@ -79,7 +80,7 @@ def _compound_duration(text: str, unit: str) -> tuple[float, Dim, str]:
     if parts and "".join(p.group() for p in parts) == text:
         order = list(DURATION_UNITS)
         ranks = [order.index(p.group(2)) for p in parts]
-        if any(a <= b for a, b in zip(ranks, ranks[1:], strict=False)):
+        if any(a <= b for a, b in itertools.pairwise(ranks)):
             raise UnitError(
                 f"the parts of the duration `{text}` are not in order",
                 "write each unit once, largest first, such as 1h30m or 1m30s",
