@@ -495,7 +495,7 @@ def _comparable(
                     f"a ratio is between 0 and 1, so `{_text(b)}` is out of range for "
                     f"{_describe(ad, a)}",
                     b.span,
-                    help=f"write a percentage such as {_short_pct(value / 100)}",
+                    help=f"write a percentage such as {format_value(value, Dim.NUMBER)}%",
                 )
                 return False
         # durations and sizes need their unit, except for a plain zero

@@ -73,6 +73,7 @@ class CompiledPolicy:
         self.source_hash = source_hash
         self.path = path
         self._tick = tick
+        self.generated_source = ""  # the Python the compiler wrote, for review and tests
         self._rule_info = tuple((r.label, r.action) for r in rules)
         self._health_rules = sum(r.action in (Action.ROLLBACK, Action.PAUSE) for r in rules)
         seconds = [w.seconds for w in windows if w.seconds is not None]
@@ -133,7 +134,9 @@ def compile_policy(
     for r in rules:
         gen.collect_windows(r.node.condition)
     tick = gen.build(rules)
-    return CompiledPolicy(checked, rules, tuple(gen.windows), tick, source, source_hash, path)
+    policy = CompiledPolicy(checked, rules, tuple(gen.windows), tick, source, source_hash, path)
+    policy.generated_source = gen.source
+    return policy
 
 
 # --- code generation -----------------------------------------------------------
@@ -191,9 +194,11 @@ class _Generator:
         conds = []
         for r in rules:
             code, _ = self.expr(r.node.condition, body)
-            c = self.fresh()
-            self.emit(f"{c} = {code}", body)
-            conds.append(c)
+            if not code.isidentifier() or code in ("True", "False"):
+                c = self.fresh()
+                self.emit(f"{c} = {code}", body)
+                code = c
+            conds.append(code)
         firing = []
         for i, (r, c) in enumerate(zip(rules, conds, strict=True)):
             f = f"f{i}"
@@ -290,7 +295,7 @@ class _Generator:
 
     def _call(self, node: ast.Call, ind: int) -> tuple[str, bool]:
         if node in self.window_of:
-            return f"w{self.window_of[node]}", True
+            return f"w{self.window_of[node]}", node.func != "count"  # a count is never unknown
         arg = node.args[0]
         assert not isinstance(arg, ast.LastN)
         a, na = self.expr(arg, ind)

@@ -108,15 +108,18 @@ def _finite(value: Decimal, text: str) -> float:
 
 def closest(word: str, candidates: list[str] | tuple[str, ...] | frozenset[str]) -> str | None:
     """The candidate nearest to `word` by edit distance, when near enough."""
-    best: tuple[int, str] | None = None
+    best: tuple[int, int, str] | None = None
     for c in sorted(candidates):
         d = _distance(word.lower(), c.lower())
-        if best is None or d < best[0]:
-            best = (d, c)
+        # between equally distant names, prefer the one whose differing characters are
+        # nearest (`p98` -> `p99`, not `p90`)
+        near = sum(abs(ord(a) - ord(b)) for a, b in zip(word, c, strict=False))
+        if best is None or (d, near) < best[:2]:
+            best = (d, near, c)
     if best is None:
         return None
     limit = max(1, min(3, len(word) // 2))
-    return best[1] if best[0] <= limit else None
+    return best[2] if best[0] <= limit else None
 
 
 def _distance(a: str, b: str) -> int:
