@@ -78,7 +78,10 @@ def test_kleene_logic(a: bool | None, b: bool | None, and_: bool | None, or_: bo
 
 
 def test_division_by_zero_is_unknown_and_never_fires() -> None:
-    text = "r: canary.p99 / stable.p99 > 1.5 -> rollback\nz: not (canary.p99 / stable.p99 > 1.5) -> pause"
+    text = (
+        "r: canary.p99 / stable.p99 > 1.5 -> rollback\n"
+        "z: not (canary.p99 / stable.p99 > 1.5) -> pause"
+    )
     (v,) = run(text, [(0.0, {"canary.p99": 0.0, "stable.p99": 0.0})])
     assert v.conditions == (None, None) and v.action is Action.CONTINUE
     assert v.health == 0.0
