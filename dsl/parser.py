@@ -146,7 +146,9 @@ def _regroup(inner: Any, c: list[Any]) -> Any:
 class _ParenNewlines:
     """Post-lexer: a newline inside parentheses continues the statement."""
 
-    always_accept = ("_NL",)
+    # `->` is lexed as one token everywhere, so `p99 > -> rollback` reports the
+    # missing value at the arrow instead of reading `-` as a minus sign.
+    always_accept = ("_NL", "ARROW")
 
     def process(self, stream: Iterator[Token]) -> Iterator[Token]:
         depth = 0
