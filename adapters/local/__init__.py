@@ -1,0 +1,1 @@
+"""Adapters that run on one machine: in-memory and file-backed ports."""
