@@ -46,7 +46,7 @@ class FunctionSource:
     async def fetch_range(
         self, start: float, end: float, step: float, requests: Sequence[MetricRequest]
     ) -> Mapping[MetricRequest, list[tuple[float, float | None]]]:
-        n = int(round((end - start) / step))
+        n = round((end - start) / step)
         times = [start + i * step for i in range(n + 1)]
         return {r: [(t, self.values(t, r)) for t in times] for r in requests}
 
