@@ -26,8 +26,9 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from dsl.ast import Action
 from dsl.compile import CompiledPolicy
-from dsl.runtime import PolicyState
+from dsl.runtime import PolicyState, Verdict
 from engine import rollback
 from engine.machine import (
     BringUp,
@@ -99,6 +100,8 @@ class _Rollout:
     due: float | None = None
     saved: RolloutStatus | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    verdict: Verdict | None = None
+    pending: tuple[float | None, ...] = ()
 
 
 class Engine:
@@ -137,7 +140,13 @@ class Engine:
     # --- public -----------------------------------------------------------------
 
     def status(self, key: str) -> RolloutStatus:
-        return self._rollouts[key].status
+        """The rollout's status, with the verdict of its latest tick."""
+        ro = self._rollouts[key]
+        return self._with_verdict(ro, ro.status)
+
+    def verdict(self, key: str) -> Verdict | None:
+        """The full verdict of the rollout's latest tick (rule states, values, trace)."""
+        return self._rollouts[key].verdict
 
     def keys(self) -> list[str]:
         return list(self._rollouts)
@@ -310,6 +319,7 @@ class Engine:
     ) -> None:
         status = ro.status
         if ro.spec.skip_analysis or ro.policy is None or ro.state is None:
+            ro.verdict = None
             record = VerdictRecord(
                 at=now, action="continue", rule=None, health=100.0,
                 explanation="continue: analysis skipped",
@@ -320,28 +330,49 @@ class Engine:
                 ro.stream.record(now, snap)
             snap["weight"] = float(status.weight)
             snap["step"] = float(status.step)
-            snap["elapsed"] = now - (status.started_at or now)
-            snap["step_elapsed"] = now - (status.step_started_at or now)
+            snap["elapsed"] = now - _or(status.started_at, now)
+            step_elapsed = now - _or(status.step_started_at, now)
+            snap["step_elapsed"] = step_elapsed
             verdict = ro.policy.evaluate(now, snap, ro.state)
+            ro.verdict = verdict
             self.telemetry.verdict(verdict.action.value, verdict.rule)
-            pending = {
-                label: since
-                for (label, _), since in zip(verdict.rule_info, verdict.pending_since, strict=True)
-                if since is not None
-            }
-            status = status.model_copy(update={"pending_since": pending})
-            record = VerdictRecord(
-                at=now, action=verdict.action.value, rule=verdict.rule,
-                explanation=verdict.explanation, health=verdict.health,
+            if (
+                status.phase is Phase.PROGRESSING
+                and verdict.action is Action.CONTINUE
+                and step_elapsed < ro.machine.strategy.step_duration
+            ):
+                # the common tick: nothing to decide; persist only a change of pending rules
+                if verdict.pending_since != ro.pending:
+                    ro.status = self._with_verdict(ro, status)
+                    self._spawn(ro, self._save(ro))
+                return
+            status = self._with_verdict(ro, status)
+            record = status.last_verdict or VerdictRecord(
+                at=now, action="continue", rule=None, health=100.0, explanation=""
             )
         decision = ro.machine.on_verdict(status, record, now)
+        ro.status = decision.status
         if decision.transitions or decision.effects:
-            ro.status = decision.status
             self._spawn(ro, self._apply(ro, decision))
-        else:
-            ro.status = decision.status
-            if _material(ro.saved, ro.status):
-                self._spawn(ro, self._save(ro))
+        elif _material(ro.saved, ro.status):
+            self._spawn(ro, self._save(ro))
+
+    def _with_verdict(self, ro: _Rollout, status: RolloutStatus) -> RolloutStatus:
+        """The status with the rollout's latest verdict and pending rules in it."""
+        v = ro.verdict
+        if v is None:
+            return status
+        ro.pending = v.pending_since
+        pending = {
+            label: since
+            for (label, _), since in zip(v.rule_info, v.pending_since, strict=True)
+            if since is not None
+        }
+        record = VerdictRecord(
+            at=v.at, action=v.action.value, rule=v.rule, explanation=v.explanation,
+            health=v.health,
+        )
+        return status.model_copy(update={"pending_since": pending, "last_verdict": record})
 
     # --- acting -----------------------------------------------------------------
 
@@ -509,6 +540,11 @@ class Engine:
             since = ro.status.pending_since.get(rule.label)
             state.pending_since[i] = since
             state.firing[i] = since is not None and now - since >= rule.for_seconds
+
+
+def _or(value: float | None, default: float) -> float:
+    """`value`, or `default` when unset (a time of 0.0 is a time, not a missing one)."""
+    return default if value is None else value
 
 
 def _material(before: RolloutStatus | None, after: RolloutStatus) -> bool:

@@ -205,7 +205,7 @@ class Machine:
     def _resume(self, d: Decision, now: float, actor: str, why: str) -> None:
         status = d.status
         paused_for = now - status.paused_at if status.paused_at is not None else 0.0
-        started = (status.step_started_at or now) + paused_for
+        started = (now if status.step_started_at is None else status.step_started_at) + paused_for
         self._move(
             d, P.PROGRESSING, actor, "resume", why,
             paused_at=None, paused_by=None, step_started_at=started,
