@@ -282,6 +282,9 @@ class Engine:
                 ro.status = ro.status.model_copy(update={"message": f"evaluation failed: {e}"})
         for ro in batch:
             self._schedule(ro)
+        self._report_phases()
+
+    def _report_phases(self) -> None:
         self.telemetry.phases(Counter(ro.status.phase.value for ro in self._rollouts.values()))
 
     async def _fetch(
@@ -405,6 +408,8 @@ class Engine:
         await self.store.save(ro.spec.key, d.status)
         ro.saved = d.status
         ro.changed.set()
+        if d.transitions:
+            self._report_phases()
         for t in d.transitions:
             await self.audit.record(
                 AuditEntry(
