@@ -30,6 +30,8 @@ from dsl.ast import Action
 from dsl.check import CheckedPolicy, key_of
 from dsl.runtime import PolicyState, Snapshot, Verdict, Window
 
+_UNROLL = 64  # up to this many rules, selection and health are unrolled straight-line code
+
 _Tick = Callable[[float, Snapshot, PolicyState], tuple[int, int, tuple[bool | None, ...]]]
 
 
@@ -216,16 +218,24 @@ class _Generator:
             self.emit(f"fi[{i}] = {f}", body)
             firing.append(f)
         order = sorted(range(len(rules)), key=lambda i: (rules[i].action.priority, i))
-        self.emit("d = -1", body)
-        for n, i in enumerate(order):
-            self.emit(f"{'if' if n == 0 else 'elif'} {firing[i]}:", body)
-            self.emit(f"d = {i}", body + 1)
+        # Flat code only: a chain of 3,000 `elif`s or `+`s is too deep for
+        # CPython's own compiler, so long policies use a loop and a tuple.
+        if len(rules) <= _UNROLL:
+            self.emit("d = -1", body)
+            for n, i in enumerate(order):
+                self.emit(f"{'if' if n == 0 else 'elif'} {firing[i]}:", body)
+                self.emit(f"d = {i}", body + 1)
+        else:
+            self.emit(f"d = next((i for i in {self.const(tuple(order))} if fi[i]), -1)", body)
         healthy = [
-            f"({c} is False)"
-            for r, c in zip(rules, conds, strict=True)
+            c for r, c in zip(rules, conds, strict=True)
             if r.action in (Action.ROLLBACK, Action.PAUSE)
         ]
-        self.emit(f"h = {' + '.join(healthy) or '0'}", body)
+        if len(healthy) <= _UNROLL:
+            self.emit(f"h = {' + '.join(f'({c} is False)' for c in healthy) or '0'}", body)
+        else:
+            # conditions are True, False or None, so counting `== False` counts False alone
+            self.emit(f"h = ({''.join(c + ', ' for c in healthy)}).count(False)", body)
         self.emit(f"return d, h, ({''.join(c + ', ' for c in conds)})", body)
         return self._assemble()
 

@@ -74,7 +74,8 @@ class PolicyError(Exception):
         self.path = path
 
     def render(self) -> str:
-        return "\n".join(render(d, self.source, self.path) for d in self.diagnostics)
+        index = LineIndex(self.source)
+        return "\n".join(render(d, self.source, self.path, index) for d in self.diagnostics)
 
 
 class LineIndex:
@@ -105,16 +106,17 @@ def render(diag: Diagnostic, source: str, path: str, index: LineIndex | None = N
     text = index.line_text(line).replace("\t", " ")
     end = min(diag.span.end, index.starts[line - 1] + len(text))
     width = max(1, end - offset)
+    shown_col = col
     if len(text) > _MAX_SHOWN:  # show a window of a very long line around the caret
         first = max(0, min(col - 1 - _MAX_SHOWN // 2, len(text) - _MAX_SHOWN))
         text = ("…" if first else "") + text[first : first + _MAX_SHOWN] + "…"
-        col = col - first + (1 if first else 0)
+        shown_col = col - first + (1 if first else 0)
         width = min(width, _MAX_SHOWN)
     gutter = " " * len(str(line))
     out = [
         f"{path}:{line}:{col}: {diag.severity}[{diag.code}]: {diag.message}",
         f"   {line} | {text}",
-        f"   {gutter} | {' ' * (col - 1)}{'^' * width} {diag.label or diag.message}".rstrip(),
+        f"   {gutter} | {' ' * (shown_col - 1)}{'^' * width} {diag.label or diag.message}".rstrip(),
     ]
     if diag.help:
         out.append(f"   {gutter} = help: {diag.help}")

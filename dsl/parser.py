@@ -323,7 +323,10 @@ def _found(tok: Token, text: str) -> str:
         return "the end of the input"
     if tok.type == "_NL":
         return "the end of the line"
-    return f"`{tok}`"
+    if tok.type == "TEMPLATE":
+        return "a query in backticks"
+    text = str(tok)
+    return f"`{text[:30]}…`" if len(text) > 30 else f"`{text}`"
 
 
 def _diagnose(e: Exception, text: str) -> Diagnostic:

@@ -142,6 +142,9 @@ _NUMERIC_ESCAPES = {
 # `offset` then a space or a minus sign (`offset5m` would lex as one identifier)
 _OFFSET_BEFORE = re.compile(r"(?<![\w:])offset(?:[ \t\r\n]+|[ \t\r\n]*-[ \t\r\n]*)\Z", re.I)
 _GLUED_AFTER = re.compile(r"[A-Za-z0-9_.{]")
+# How far back a placeholder's context is read: enough for `=~ "`, `[` or
+# `offset `; a placeholder after more blank space than this counts as bare (refused).
+_LOOK_BEHIND = 64
 _CLOSE_STRING = "end it with the quote it starts with"
 _ESCAPES_HELP = (
     'PromQL strings know \\a \\b \\f \\n \\r \\t \\v \\\\ \\" '
@@ -160,6 +163,8 @@ class _Scanner:
         self.text = text
         # The template with string contents and comments blanked: what the code
         # before a position looks like, for the `=~` and `offset` look-behinds.
+        # The template with strings blanked out, one character per item, so the
+        # look-behinds below read a bounded tail instead of joining it all.
         self.code: list[str] = []
         self.segments: list[Segment] = []
         self.brackets: list[tuple[str, int]] = []
@@ -192,7 +197,7 @@ class _Scanner:
         if ch == "#":
             end = text.find("\n", i)
             end = len(text) if end < 0 else end
-            self.code.append(" " * (end - i))
+            self.code.extend(" " * (end - i))
             return end
         if ch in "\"'":
             self.quote = (ch, i)
@@ -256,7 +261,7 @@ class _Scanner:
             shown = f"`\\{nxt}`" if nxt.strip() else "a backslash at the end"
             message = f"unknown escape sequence {shown}"
             raise _malformed(message, i, i + 1 + len(nxt), _ESCAPES_HELP)
-        self.code.append(" " * (end - i))
+        self.code.extend(" " * (end - i))
         return end
 
     def _placeholder(self, i: int) -> int:
@@ -270,18 +275,18 @@ class _Scanner:
         self.segments.append(Placeholder(name, i, m.end(), self._place(m.end())))
         # In code a placeholder is a value; "0" keeps the look-behinds from
         # reading it as an operator or a keyword.
-        self.code.append(("0" if self.quote is None else " ") * (m.end() - i))
+        self.code.extend(("0" if self.quote is None else " ") * (m.end() - i))
         self.copied = m.end()
         self.empty = False
         return m.end()
 
     def _place(self, end: int) -> Place:
-        code = "".join(self.code)
+        code = "".join(self.code[-_LOOK_BEHIND:])
         if self.quote is not None:
             quote, opened = self.quote
             if quote == "'":
                 return Place.SINGLE_QUOTED
-            before = code[:opened].rstrip(_SPACE)
+            before = "".join(self.code[max(0, opened - _LOOK_BEHIND) : opened]).rstrip(_SPACE)
             return Place.REGEX if before.endswith(("=~", "!~")) else Place.LABEL
         before = code.rstrip(_SPACE)
         after = self.text[end:].lstrip(_SPACE)

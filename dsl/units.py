@@ -138,6 +138,8 @@ def _distance(a: str, b: str) -> int:
 
 def format_duration(seconds: float) -> str:
     """`130` -> `2m10s`, `0.412` -> `412ms`, `0` -> `0s`."""
+    if not math.isfinite(seconds) or abs(seconds) >= 1e12:
+        return f"{_short(seconds)}s"
     if seconds < 0:
         return "-" + format_duration(-seconds)
     if seconds == 0:
@@ -179,7 +181,9 @@ def format_value(value: float | bool | None, dim: Dim) -> str:
 
 def _short(x: float) -> str:
     """Up to 4 significant digits, no trailing zeros: 412.0 -> 412, 0.1234567 -> 0.1235."""
-    if x == int(x) and abs(x) < 1e15:
+    if not math.isfinite(x):
+        return str(x)  # inf, -inf, nan: arithmetic on huge values can overflow
+    if abs(x) < 1e15 and x == int(x):
         return str(int(x))
     text = f"{x:.4g}"
     if "e" in text:
