@@ -65,6 +65,22 @@ def key_of(ref: ast.Ref) -> str:
     return f"{ref.track or DEFAULT_TRACK}.{ref.name}"
 
 
+# Names people reach for from other languages (PromQL, SQL, spreadsheets).
+_SYNONYMS = {
+    "mean": "avg",
+    "average": "avg",
+    "minimum": "min",
+    "maximum": "max",
+    "rate": "increase",
+    "sum": "increase",
+    "deriv": "delta",
+    "absent_over_time": "absent",
+    "count_over_time": "count",
+    "avg_over_time": "avg",
+    "max_over_time": "max",
+    "min_over_time": "min",
+}
+
 _PLAIN = {Dim.NUMBER, Dim.COUNT, Dim.RATE, Dim.CORES}
 _EXAMPLE = {
     Dim.DURATION: "a duration such as 300ms",
@@ -277,7 +293,7 @@ class _Checker:
     def _call(self, call: ast.Call) -> Dim | None:
         info = FUNCTIONS.get(call.func)
         if info is None:
-            guess = closest(call.func, list(FUNCTIONS))
+            guess = _SYNONYMS.get(call.func.lower()) or closest(call.func, list(FUNCTIONS))
             if call.func in self.dims or call.func in CONTEXT:
                 help = f"`{call.func}` is a metric, not a function"
             elif guess:
@@ -434,10 +450,15 @@ class _Checker:
         if result is None:
             verb = {"+": "added to", "-": "subtracted from", "*": "multiplied by",
                     "/": "divided by"}[node.op]
+            # "a X cannot be added to a Y" reads right to left; "multiplied by" left to right
+            first, second = (
+                (_describe(right, node.right), _describe(left, node.left))
+                if node.op in "+-"
+                else (_describe(left, node.left), _describe(right, node.right))
+            )
             self.error(
                 "E202",
-                f"a {_describe(right, node.right)} cannot be {verb} a "
-                f"{_describe(left, node.left)}",
+                f"a {first} cannot be {verb} a {second}",
                 node.op_span,
                 help=_combine_help(node.op, left, right),
             )
@@ -490,12 +511,16 @@ def _comparable(
                 )
                 return False
             if value is not None:
+                scaled = isinstance(a, ast.Binary) and a.op in ("*", "/")
                 checker.error(
                     "E203",
-                    f"a ratio is between 0 and 1, so `{_text(b)}` is out of range for "
+                    f"a ratio is between 0 and 1, so `{_text(b)}` is out of range for a "
                     f"{_describe(ad, a)}",
                     b.span,
-                    help=f"write a percentage such as {format_value(value, Dim.NUMBER)}%",
+                    help="compare the ratio itself with a percentage, such as "
+                    "`error_rate > 5%`, instead of scaling it"
+                    if scaled
+                    else f"write a percentage such as {format_value(value, Dim.NUMBER)}%",
                 )
                 return False
         # durations and sizes need their unit, except for a plain zero
@@ -504,12 +529,15 @@ def _comparable(
     literal_side = rn if _is_plain_literal(rn) or isinstance(rn, ast.Number) else ln
     other_side, other_dim = (ln, ld) if literal_side is rn else (rn, rd)
     bad_dim = rd if literal_side is rn else ld
+    has_literal = _literal(ln) is not None or _literal(rn) is not None
     checker.error(
         "E201",
         f"a {_describe(bad_dim, literal_side)} cannot be compared with a "
         f"{_describe(other_dim, other_side)}",
         literal_side.span,
-        help=_compare_help(other_dim, literal_side),
+        help=_compare_help(other_dim, literal_side)
+        if has_literal
+        else "these measure different things; compare each with a threshold of its own unit",
     )
     return False
 
@@ -559,10 +587,10 @@ def _combine(op: str, ld: Dim, ln: ast.Expr, rd: Dim, rn: ast.Expr) -> Dim | Non
             return Dim.COUNT
         return None
     # division
+    if ld is rd:
+        return Dim.NUMBER  # like over like, ratio over ratio included: a plain factor
     if rd in (Dim.NUMBER, Dim.RATIO):
         return ld
-    if ld is rd:
-        return Dim.NUMBER
     if ld is Dim.COUNT and rd is Dim.DURATION:
         return Dim.RATE
     return None

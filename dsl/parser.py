@@ -41,6 +41,17 @@ class _TooDeep(Exception):
         self.span = span
 
 
+KEYWORDS = frozenset(
+    {"for", "and", "or", "not", "true", "false", "last", "metric", "promql", "as"}
+)
+
+
+class _KeywordName(Exception):
+    def __init__(self, token: Token, what: str) -> None:
+        self.token = token
+        self.what = what
+
+
 class _BadLiteral(Exception):
     def __init__(self, token: Token, error: UnitError) -> None:
         self.token = token
@@ -107,6 +118,8 @@ class _Builder(lark.Transformer[Token, Any]):
         name: Token | None = None
         if isinstance(c[0], Token) and c[0].type == "NAME":
             name, c = c[0], c[2:]
+            if str(name) in KEYWORDS:
+                raise _KeywordName(name, "a rule")
         cond = c[0]
         for_ = self.number([c[2]]) if len(c) == 5 else None
         action = c[-1]
@@ -123,6 +136,8 @@ class _Builder(lark.Transformer[Token, Any]):
 
     def metric_def(self, c: list[Token]) -> ast.MetricDef:
         kw, name, _eq, _promql, template, _as, unit = c
+        if str(name) in KEYWORDS:
+            raise _KeywordName(name, "a metric")
         return ast.MetricDef(
             name=str(name),
             template=str(template)[1:-1],
@@ -197,7 +212,7 @@ def parse(source: str) -> tuple[ast.Policy | None, list[Diagnostic]]:
     while len(diagnostics) < MAX_ERRORS:
         try:
             tree = _lark().parse(text)
-        except (UnexpectedInput, _TooDeep, _BadLiteral) as e:
+        except (UnexpectedInput, _TooDeep, _BadLiteral, _KeywordName) as e:
             diag = _diagnose(e, text)
             diagnostics.append(diag)
             blanked = _blank_line(text, diag.span.start)
@@ -337,6 +352,13 @@ def _diagnose(e: Exception, text: str) -> Diagnostic:
             Span(e.span.start, e.span.start + 1),
             help="split it into several rules or metric definitions",
         )
+    if isinstance(e, _KeywordName):
+        return Diagnostic(
+            "E001",
+            f"`{e.token}` is a keyword and cannot name {e.what}",
+            _span(e.token),
+            help=f"choose another name, such as `{e.token}_{e.what.split()[-1]}`",
+        )
     if isinstance(e, _BadLiteral):
         code = "E004" if "too large" in e.error.message else "E003"
         return Diagnostic(code, e.error.message, _span(e.token), help=e.error.help)
@@ -411,6 +433,8 @@ def _token_help(tok: Token, expected: set[str], before: str) -> str | None:
         return "comparisons do not chain: write `a < b and b < c`"
     if tok.type == "EQUALS":
         return "write `==` to compare"
+    if tok.type == "QUANTITY" and before[-1:].isalpha():
+        return "give every part of a duration its unit, such as 1m30s"
     if tok.type == "NAME" and str(tok) in ALL_UNITS and before[-2:-1].isdigit():
         return "write a number and its unit without a space, such as 300ms"
     return None

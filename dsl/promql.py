@@ -145,6 +145,16 @@ _GLUED_AFTER = re.compile(r"[A-Za-z0-9_.{]")
 # How far back a placeholder's context is read: enough for `=~ "`, `[` or
 # `offset `; a placeholder after more blank space than this counts as bare (refused).
 _LOOK_BEHIND = 64
+# What people call the placeholders elsewhere.
+_PLACEHOLDER_SYNONYMS = {
+    "deployment": "workload",
+    "app": "workload",
+    "ns": "namespace",
+    "range": "window",
+    "rate_interval": "window",
+    "pod": "pod_regex",
+    "pods": "pod_regex",
+}
 _CLOSE_STRING = "end it with the quote it starts with"
 _ESCAPES_HELP = (
     'PromQL strings know \\a \\b \\f \\n \\r \\t \\v \\\\ \\" '
@@ -316,7 +326,7 @@ def placeholder_problem(p: Placeholder) -> TemplateError | None:
         return TemplateError("E402", f"{shown} {message}", p.start, p.end, help, label)
 
     if p.name not in PLACEHOLDERS:
-        near = closest(p.name, tuple(PLACEHOLDERS))
+        near = _PLACEHOLDER_SYNONYMS.get(p.name) or closest(p.name, tuple(PLACEHOLDERS))
         help = (
             f"did you mean `{{{{{near}}}}}`?"
             if near

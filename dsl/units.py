@@ -1,6 +1,7 @@
 """Units: literal text in, an exact value in base units out; values back to text.
 
-`parse_quantity("1m30s")` gives `(90.0, Dim.DURATION, "m")`. Conversion runs in
+`parse_quantity("1m30s")` gives `(90.0, Dim.DURATION, "m30s")`, the unit being
+everything written after the leading number. Conversion runs in
 `decimal` and is rounded to a float once at the end, so `99.9%` is exactly the
 float `0.999` and `300ms` exactly `0.3` (a float multiplication would give
 0.30000000000000004). `format_value` turns base units back into the shortest
@@ -89,7 +90,7 @@ def _compound_duration(text: str, unit: str) -> tuple[float, Dim, str]:
             (_CONTEXT.multiply(Decimal(p.group(1)), DURATION_UNITS[p.group(2)]) for p in parts),
             Decimal(0),
         )
-        return _finite(total, text), Dim.DURATION, "".join(p.group(2) for p in parts)
+        return _finite(total, text), Dim.DURATION, unit
     suggestion = closest(unit, ALL_UNITS)
     raise UnitError(
         f"unknown unit `{unit}` in `{text}`",
