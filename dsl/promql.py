@@ -414,9 +414,19 @@ def escape_label_value(value: str) -> str:
     return "".join(out)
 
 
+def quote_meta(value: str) -> str:
+    """`value` as an RE2 regex matching exactly itself, as Go's regexp.QuoteMeta does."""
+    return _RE2_META.sub(r"\\\g<0>", value)
+
+
 def escape_regex(value: str) -> str:
     """For the string of a `=~`/`!~` matcher: RE2-escape `value`, then quote it as a label value."""
-    return escape_label_value(_RE2_META.sub(r"\\\g<0>", value))
+    return escape_label_value(quote_meta(value))
+
+
+def is_duration(text: str) -> bool:
+    """Whether `text` is a Prometheus duration (`5m`, `1m30s`): safe for a `{{window}}` place."""
+    return _DURATION.fullmatch(text) is not None
 
 
 def prometheus_duration(seconds: float) -> str:

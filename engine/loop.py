@@ -488,8 +488,10 @@ class Engine:
         ro.requests = []
         for key in sorted(policy.metric_keys):
             track, metric = key.split(".", 1)
-            workload = spec.stable if track == "stable" else spec.canary_name
-            target = Target(spec.namespace, workload, track, spec.service)
+            if track == "stable":
+                target = Target(spec.namespace, spec.stable, track, spec.service)
+            else:
+                target = Target(spec.namespace, spec.canary_name, track, spec.canary_service_name)
             window = max(self.metrics_window, spec.interval)
             ro.requests.append((key, MetricRequest(target, metric, window, defined.get(metric))))
         horizon = max(

@@ -90,7 +90,8 @@ class RolloutSpec(_Model):
     namespace: str = "default"
     stable: str = Field(description="the stable workload (a Deployment)")
     canary: str = Field(default="", description="the canary workload; default NAME-canary")
-    service: str = ""
+    service: str = Field(default="", description="the stable Service")
+    canary_service: str = Field(default="", description="the canary Service; default SERVICE-canary")
     route: str = ""
     strategy: StrategySpec = StrategySpec()
     policy: str = Field(description="a policy name from the policy directory")
@@ -111,6 +112,12 @@ class RolloutSpec(_Model):
     @property
     def canary_name(self) -> str:
         return self.canary or f"{self.stable}-canary"
+
+    @property
+    def canary_service_name(self) -> str:
+        if self.canary_service or not self.service:
+            return self.canary_service
+        return f"{self.service}-canary"
 
 
 class VerdictRecord(_Model):

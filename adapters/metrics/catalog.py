@@ -77,7 +77,7 @@ from types import MappingProxyType
 from typing import Literal
 
 from dsl.ast import Dim
-from dsl.promql import Place, Placeholder, Template, TemplateError
+from dsl.promql import Place, Placeholder, Template, TemplateError, quote_meta
 from dsl.units import closest
 
 PROVIDERS = ("istio", "nginx", "plain")
@@ -86,15 +86,6 @@ Identity = Literal["workload", "service", "pod_regex"]
 
 # The placeholders whose values differ between the targets of one query.
 TARGET_PLACEHOLDERS = frozenset({"namespace", "workload", "service", "track", "pod_regex"})
-
-# What Go's regexp.QuoteMeta escapes (the same set as dsl.promql's RE2 escaping).
-_RE2_META = re.compile(r"[\\.+*?()|\[\]{}^$]")
-
-
-def quote_meta(value: str) -> str:
-    """`value` as an RE2 regex matching exactly itself (no PromQL string escaping)."""
-    return _RE2_META.sub(r"\\\g<0>", value)
-
 
 def default_pod_regex(workload: str) -> str:
     """The pods of a Deployment named `workload`: `NAME-<template hash>-<suffix>`.

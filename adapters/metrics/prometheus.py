@@ -74,7 +74,7 @@ from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
 from adapters.metrics import range_times
-from adapters.metrics.catalog import CatalogEntry, default_pod_regex, quote_meta
+from adapters.metrics.catalog import CatalogEntry, default_pod_regex
 from dsl.ast import Dim
 from dsl.promql import (
     Place,
@@ -83,8 +83,10 @@ from dsl.promql import (
     Template,
     TemplateError,
     escape_label_value,
+    is_duration,
     placeholder_problem,
     prometheus_duration,
+    quote_meta,
 )
 from engine.ports import MetricRequest, MetricValues, Target
 
@@ -156,9 +158,6 @@ def _alternation(values: Iterable[str], *, regexes: bool) -> str:
     return parts[0] if len(parts) == 1 else "(?:" + "|".join(parts) + ")"
 
 
-_DURATION = re.compile(r"(?:[0-9]+(?:ms|s|m|h|d|w|y))+", re.ASCII)
-
-
 def _fill_batch(
     segments: Sequence[Segment], regex_fills: Mapping[str, str], durations: Mapping[str, str]
 ) -> str:
@@ -177,7 +176,7 @@ def _fill_batch(
             raise problem
         if seg.place is Place.REGEX and seg.name in regex_fills:
             out.append(regex_fills[seg.name])
-        elif seg.place is Place.DURATION and _DURATION.fullmatch(durations.get(seg.name, "")):
+        elif seg.place is Place.DURATION and is_duration(durations.get(seg.name, "")):
             out.append(durations[seg.name])
         else:
             raise ValueError(f"{{{{{seg.name}}}}} cannot be filled for a batch here")

@@ -1,0 +1,1 @@
+"""The Kubernetes side: the CanaryDeployment resource and, later, the API client."""
