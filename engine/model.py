@@ -91,7 +91,7 @@ class RolloutSpec(_Model):
     stable: str = Field(description="the stable workload (a Deployment)")
     canary: str = Field(default="", description="the canary workload; default NAME-canary")
     service: str = Field(default="", description="the stable Service")
-    canary_service: str = Field(default="", description="the canary Service; default SERVICE-canary")
+    canary_service: str = Field(default="", description="the canary Service (SERVICE-canary)")
     route: str = ""
     strategy: StrategySpec = StrategySpec()
     policy: str = Field(description="a policy name from the policy directory")
