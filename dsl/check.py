@@ -81,6 +81,8 @@ _SYNONYMS = {
     "min_over_time": "min",
 }
 
+MIN_SECONDS = 0.001  # the smallest unit a duration is written in: 1ms
+
 _PLAIN = {Dim.NUMBER, Dim.COUNT, Dim.RATE, Dim.CORES}
 _EXAMPLE = {
     Dim.DURATION: "a duration such as 300ms",
@@ -205,7 +207,7 @@ class _Checker:
         for_seconds = 0.0
         if rule.for_ is not None:
             f = rule.for_
-            if f.dim is not Dim.DURATION or f.value <= 0:
+            if f.dim is not Dim.DURATION or f.value < MIN_SECONDS:
                 self.error(
                     "E302",
                     f"`for` needs a positive duration, not `{f.text}`",
@@ -360,7 +362,7 @@ class _Checker:
                     help=f"windows are kept in memory; use at most `last {MAX_LAST_N}`",
                 )
             return
-        if isinstance(arg, ast.Number) and arg.dim is Dim.DURATION and arg.value > 0:
+        if isinstance(arg, ast.Number) and arg.dim is Dim.DURATION and arg.value >= MIN_SECONDS:
             if arg.value > MAX_WINDOW_SECONDS:
                 self.error(
                     "E304",
@@ -639,4 +641,6 @@ def _describe(dim: Dim, node: ast.Expr | None = None) -> str:
 def _duration_help(n: ast.Number) -> str:
     if n.dim is Dim.NUMBER and n.value > 0:
         return f"write it with a unit, such as {n.text}s or {n.text}m"
+    if n.dim is Dim.DURATION and 0 < n.value < MIN_SECONDS:
+        return "durations are at least 1ms"
     return "write a positive duration such as 30s, 2m or 1h"

@@ -326,7 +326,7 @@ class _Generator:
         self.emit(f"items.append((now, {x}))", ind)
         if spec.seconds is not None:
             self.emit(f"cut = now - {self.const(spec.seconds)}", ind)
-            self.emit("while items[0][0] <= cut:", ind)
+            self.emit("while items and items[0][0] <= cut:", ind)
             self.emit("items.popleft()", ind + 1)
         func = spec.call.func
         if func == "count":

@@ -28,7 +28,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 
 from dsl import ast
 from dsl.ast import Span
-from dsl.diagnostics import Diagnostic
+from dsl.diagnostics import Diagnostic, LineIndex
 from dsl.units import ALL_UNITS, UnitError, parse_quantity
 
 MAX_DEPTH = 100
@@ -239,10 +239,10 @@ def _blank_line(text: str, offset: int) -> str:
 
 def _with_lines(tree: ast.Policy, source: str) -> ast.Policy:
     """Fill in each statement's line (lark gave offsets) and collect comments."""
-    def line_of(offset: int) -> int:
-        return source.count("\n", 0, offset) + 1
-
-    statements = tuple(replace(s, line=line_of(s.span.start)) for s in tree.statements)
+    index = LineIndex(source)
+    statements = tuple(
+        replace(s, line=index.position(s.span.start)[0]) for s in tree.statements
+    )
     return ast.Policy(statements, tuple(_comments(source)))
 
 
@@ -373,9 +373,10 @@ def _diagnose(e: Exception, text: str) -> Diagnostic:
                 help="end the PromQL query with `",
             )
         allowed = set(e.allowed or ())
+        shown = ch if ch.isprintable() else ascii(ch)[1:-1]  # never echo control codes
         return Diagnostic(
             "E001",
-            f"unexpected character `{ch}`",
+            f"unexpected character `{shown}`",
             Span(pos, pos + 1),
             label=f"expected {_describe(allowed, text[:pos])}",
             help=_char_help(ch),

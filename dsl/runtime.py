@@ -108,7 +108,7 @@ class Window:
         items.append((now, value))
         if self.seconds is not None:
             cutoff = now - self.seconds
-            while items[0][0] <= cutoff:
+            while items and items[0][0] <= cutoff:
                 items.popleft()
 
 

@@ -43,8 +43,8 @@ BYTE_UNITS: dict[str, Decimal] = {
 }
 ALL_UNITS = [*DURATION_UNITS, "%", *BYTE_UNITS]
 
-_NUMBER = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_NUMBER = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", re.ASCII)
 _CONTEXT = decimal.Context(prec=50, Emax=999999, Emin=-999999)
 
 
