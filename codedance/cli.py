@@ -77,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     fmt.add_argument("paths", nargs="*", metavar="PATH", help=".rules file or directory")
     fmt.set_defaults(run=_fmt)
+
+    from codedance.demo_cmd import add_commands
+
+    add_commands(commands)
     return parser
 
 

@@ -22,7 +22,7 @@ import heapq
 import logging
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -71,13 +71,18 @@ class LoopClock:
     """
 
     def __init__(self, epoch: float | None = None) -> None:
-        self._epoch = time.time() if epoch is None else epoch
+        self._epoch = epoch
         self._start: float | None = None
 
     def now(self) -> float:
         loop_time = asyncio.get_running_loop().time()
         if self._start is None:
+            # anchor at the first reading, not at construction: a clock built early
+            # must not run behind the wall clock by the time it sat unused
             self._start = loop_time
+            if self._epoch is None:
+                self._epoch = time.time()
+        assert self._epoch is not None
         return self._epoch + (loop_time - self._start)
 
     async def sleep_until(self, t: float) -> None:
@@ -135,7 +140,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._stopping = False
         self._inflight: set[asyncio.Task[None]] = set()
-        self.tick_lags: list[float] = []
+        self.tick_lags: deque[float] = deque(maxlen=10_000)  # the latest, for benchmarks
 
     # --- public -----------------------------------------------------------------
 
@@ -225,17 +230,20 @@ class Engine:
                 sleeper.cancel()
                 waker.cancel()
                 continue
-            batch: list[_Rollout] = []
+            # Evaluate each batch at its due time, not at the moment the loop woke:
+            # ticks then fall exactly on multiples of the interval and `for 10s` means
+            # ten seconds of ticks, whatever the scheduling jitter.
+            batches: dict[float, list[_Rollout]] = {}
             while self._heap and self._heap[0][0] <= now:
                 d, _, key = heapq.heappop(self._heap)
                 ro = self._rollouts.get(key)
                 if ro is not None and ro.due == d:
-                    batch.append(ro)
-            if batch:
-                lag = now - due
+                    batches.setdefault(d, []).append(ro)
+            for at, batch in sorted(batches.items()):
+                lag = self.clock.now() - at
                 self.tick_lags.append(lag)
                 self.telemetry.tick_lag(lag)
-                await self._tick(batch, now)
+                await self._tick(batch, at)
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
 

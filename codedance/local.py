@@ -1,0 +1,322 @@
+"""The local platform: a real canary release on one machine, wired from local adapters.
+
+In: a `RolloutSpec`, a compiled policy, a scenario (how the canary misbehaves)
+and the router to use. Out: a `Summary` of what happened.
+
+What runs: the sample service as a stable (v1) and a canary (v2) process on
+loopback, a router in front of them (the builtin weighted proxy, or real
+nginx), a load generator at a steady rate, the traffic statistics the router
+records per track (as a mesh proxy does) or a real Prometheus, the pod status
+of the processes, and the engine itself with a real clock. `codedance demo`
+and `codedance run --local` both drive this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from adapters.local.loadgen import LoadGenerator
+from adapters.local.memory import MemoryStore
+from adapters.local.trafficstats import TrafficStats
+from adapters.local.workloads import PodStatusSource, ProcessWorkloads, ServiceConfig
+from dsl.compile import CompiledPolicy
+from engine.audit import JsonLinesAudit, MemoryAudit
+from engine.loop import Engine, LoopClock
+from engine.model import AuditEntry, Phase, RolloutSpec, RolloutStatus
+from engine.ports import MetricSource, RolloutRef, TrafficRouter
+
+POD_METRICS = ("ready_pods", "not_ready_pods", "failed_pods", "restarts")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """How the canary behaves; `bad_after` seconds after it starts, it turns bad."""
+
+    name: str
+    latency: float = 0.0
+    error_share: float = 0.0
+    crash_after: float | None = None
+    bad_after: float = 0.0
+    description: str = ""
+
+
+SCENARIOS = {
+    "healthy": Scenario("healthy", description="the canary behaves like stable"),
+    "slow": Scenario(
+        "slow", latency=0.35, bad_after=9.0, description="the canary answers in 350ms from 9s on"
+    ),
+    "errors": Scenario(
+        "errors", error_share=0.3, bad_after=9.0,
+        description="30% of the canary's responses are 500 from 9s on",
+    ),
+    "crash": Scenario(
+        "crash", crash_after=0.0, bad_after=9.0, description="the canary process crashes at 9s"
+    ),
+}
+
+
+class Policies:
+    """A fixed set of compiled policies by name."""
+
+    def __init__(self, policies: dict[str, CompiledPolicy]) -> None:
+        self.policies = policies
+
+    def get(self, name: str) -> CompiledPolicy | None:
+        return self.policies.get(name)
+
+
+class ConfirmedWeights:
+    """Wraps a router and notes when each weight was confirmed by a read-back."""
+
+    def __init__(self, router: TrafficRouter, clock: LoopClock) -> None:
+        self.router = router
+        self.clock = clock
+        self.confirmed: list[tuple[float, int]] = []
+        self.writes = 0
+
+    async def set_weight(self, rollout: RolloutRef, weight: int) -> None:
+        self.writes += 1
+        await self.router.set_weight(rollout, weight)
+
+    async def get_weight(self, rollout: RolloutRef) -> int:
+        weight = await self.router.get_weight(rollout)
+        if not self.confirmed or self.confirmed[-1][1] != weight:
+            self.confirmed.append((self.clock.now(), weight))
+        return weight
+
+
+@dataclass
+class Summary:
+    phase: str
+    duration: float
+    transitions: list[dict[str, Any]]
+    requests_sent: int
+    requests_failed: int
+    canary_errors: int
+    reaction_seconds: float | None
+    final_weight: int
+    per_track: dict[str, int] = field(default_factory=dict)
+    after_rollback: dict[str, int] = field(default_factory=dict)
+    audit_log: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase,
+            "duration_seconds": round(self.duration, 3),
+            "transitions": self.transitions,
+            "requests_sent": self.requests_sent,
+            "requests_failed": self.requests_failed,
+            "canary_injected_errors": self.canary_errors,
+            "reaction_seconds": None
+            if self.reaction_seconds is None
+            else round(self.reaction_seconds, 3),
+            "final_weight": self.final_weight,
+            "requests_by_track": self.per_track,
+            "requests_after_rollback_by_track": self.after_rollback,
+            "audit_log": self.audit_log,
+        }
+
+
+class LocalPlatform:
+    """Starts everything a local release needs, runs it, and stops it all."""
+
+    def __init__(
+        self,
+        spec: RolloutSpec,
+        policy: CompiledPolicy,
+        scenario: Scenario,
+        *,
+        router: str = "builtin",
+        rate: float = 50.0,
+        prometheus: str | None = None,
+        workdir: Path | None = None,
+    ) -> None:
+        self.spec = spec
+        self.policy = policy
+        self.scenario = scenario
+        self.router_kind = router
+        self.rate = rate
+        self.prometheus = prometheus
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="codedance-")
+        self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
+        self.clock = LoopClock()
+        self.audit = MemoryAudit()
+        self.engine: Engine | None = None
+
+    async def run(
+        self, on_tick: Callable[[LocalPlatform], Awaitable[None]] | None = None
+    ) -> Summary:
+        started = time.time()
+        sc = self.scenario
+        stable = ServiceConfig(
+            version="v1", namespace=self.spec.namespace, workload=self.spec.stable
+        )
+        canary = ServiceConfig(
+            version="v2", namespace=self.spec.namespace, workload=self.spec.canary_name,
+            latency=sc.latency, jitter=0.01 if sc.latency else 0.0, error_share=sc.error_share,
+            crash_after=sc.crash_after, bad_after=sc.bad_after if sc.name != "healthy" else None,
+        )
+        self.stats = TrafficStats(self.clock)
+        async with contextlib.AsyncExitStack() as stack:
+            workloads = ProcessWorkloads(stable=stable, canary=canary)
+            stack.push_async_callback(workloads.stop_all)
+            await workloads.start_stable()
+            router = await self._router(stack, workloads)
+            workloads.on_stable_moved = router.set_stable
+            confirmed = ConfirmedWeights(router, self.clock)
+            sources = self._sources(workloads)
+            audit_path = self.workdir / "audit.jsonl"
+            file_audit = JsonLinesAudit(audit_path)
+            self.engine = Engine(
+                policies=Policies({self.spec.policy: self.policy}),
+                metrics=sources,
+                router=confirmed,
+                workloads=workloads,
+                store=MemoryStore(),
+                audit=_Tee(self.audit, file_audit),
+                clock=self.clock,
+                metrics_window=5.0,
+            )
+            load = LoadGenerator(router.url, self.rate)
+            load.start()
+            stack.push_async_callback(load.stop)
+            runner = asyncio.create_task(self.engine.run())
+            await self.engine.add(self.spec)
+            finished = asyncio.create_task(self.engine.wait_finished(self.spec.key))
+            watcher = _FaultWatch(workloads.canary_url)
+            while not finished.done():
+                if on_tick is not None:
+                    await on_tick(self)
+                await watcher.poll()
+                await asyncio.wait({finished}, timeout=0.25)
+            status = finished.result()
+            if on_tick is not None:
+                await on_tick(self)
+            end_time = time.time()
+            await asyncio.sleep(1.0)  # traffic after the end shows where requests go now
+            await load.stop()
+            await self.engine.stop()
+            await runner
+            await watcher.close()
+            return self._summary(
+                status, started, load, confirmed, watcher.faulty_since, end_time, str(audit_path)
+            )
+
+    async def _router(self, stack: contextlib.AsyncExitStack, workloads: ProcessWorkloads) -> Any:
+        if self.router_kind == "nginx":
+            from adapters.local.nginx import NginxRouter
+
+            router: Any = NginxRouter(
+                self.workdir / "nginx", 0, workloads.stable_url, workloads.canary_url, self.stats
+            )
+        else:
+            from adapters.local.proxy import BuiltinRouter
+
+            router = BuiltinRouter(
+                "127.0.0.1", 0, workloads.stable_url, workloads.canary_url, self.stats
+            )
+        await router.start()
+        stack.push_async_callback(router.stop)
+        return router
+
+    def _sources(self, workloads: ProcessWorkloads) -> dict[str, MetricSource]:
+        pods = PodStatusSource(workloads)
+        traffic: MetricSource = self.stats
+        if self.prometheus:
+            from adapters.metrics.catalog import catalog_for
+            from adapters.metrics.prometheus import PrometheusSource
+
+            traffic = PrometheusSource(self.prometheus, catalog_for("plain"))
+        sources: dict[str, MetricSource] = {"*": traffic}
+        for metric in POD_METRICS:
+            sources[metric] = pods
+        return sources
+
+    def _summary(
+        self,
+        status: RolloutStatus,
+        started: float,
+        load: LoadGenerator,
+        confirmed: ConfirmedWeights,
+        faulty_since: float | None,
+        end_time: float,
+        audit_path: str,
+    ) -> Summary:
+        transitions = [_transition(e) for e in self.audit.entries]
+        reaction = None
+        if faulty_since is not None and status.phase is Phase.ROLLED_BACK:
+            back = [t for t, w in confirmed.confirmed if w == 0 and t >= faulty_since]
+            reaction = back[0] - faulty_since if back else None
+        records = list(load.records)
+        per_track = dict(Counter(r.track or "none" for r in records))
+        after = dict(Counter(r.track or "none" for r in records if r.sent_at >= end_time))
+        return Summary(
+            phase=status.phase.value,
+            duration=time.time() - started,
+            transitions=transitions,
+            requests_sent=load.sent,
+            requests_failed=load.failed,
+            canary_errors=sum(1 for r in records if not r.ok and r.track == "canary"),
+            reaction_seconds=reaction,
+            final_weight=status.weight,
+            per_track=per_track,
+            after_rollback=after if status.phase is Phase.ROLLED_BACK else {},
+            audit_log=audit_path,
+        )
+
+
+class _FaultWatch:
+    """Asks the canary (over HTTP, as a person would) when it started to misbehave."""
+
+    def __init__(self, canary_url: str) -> None:
+        self.url = canary_url + "/stats"
+        self.faulty_since: float | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def poll(self) -> None:
+        if self.faulty_since is not None:
+            return
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
+        try:
+            async with self._session.get(self.url) as response:
+                data = await response.json()
+            self.faulty_since = data.get("faulty_since")
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            pass  # not up yet, or gone (retired, crashed): nothing to learn
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class _Tee:
+    def __init__(self, *sinks: Any) -> None:
+        self.sinks = sinks
+
+    async def record(self, entry: AuditEntry) -> None:
+        for sink in self.sinks:
+            await sink.record(entry)
+
+
+def _transition(e: AuditEntry) -> dict[str, Any]:
+    return {
+        "at": e.time,
+        "from": e.from_phase.value,
+        "to": e.to_phase.value,
+        "action": e.action,
+        "actor": e.actor,
+        "rule": e.rule,
+        "explanation": e.explanation,
+        "weight": e.weight,
+    }
