@@ -24,8 +24,8 @@ import yaml
 from pydantic import ValidationError
 
 import dsl
-from dsl.compile import CompiledPolicy
 from codedance.policy_files import UsageError, read_text
+from dsl.compile import CompiledPolicy
 from engine.model import Phase, RolloutSpec, StrategySpec
 
 RULES_DIR = Path(__file__).resolve().parent.parent / "rules"

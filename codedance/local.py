@@ -53,7 +53,7 @@ class Scenario:
 SCENARIOS = {
     "healthy": Scenario("healthy", description="the canary behaves like stable"),
     "slow": Scenario(
-        "slow", latency=0.35, bad_after=9.0, description="the canary answers in 350ms from 9s on"
+        "slow", latency=0.32, bad_after=9.0, description="the canary answers in 320ms from 9s on"
     ),
     "errors": Scenario(
         "errors", error_share=0.3, bad_after=9.0,
@@ -163,7 +163,7 @@ class LocalPlatform:
         )
         canary = ServiceConfig(
             version="v2", namespace=self.spec.namespace, workload=self.spec.canary_name,
-            latency=sc.latency, jitter=0.01 if sc.latency else 0.0, error_share=sc.error_share,
+            latency=sc.latency, error_share=sc.error_share,
             crash_after=sc.crash_after, bad_after=sc.bad_after if sc.name != "healthy" else None,
         )
         self.stats = TrafficStats(self.clock)
@@ -194,11 +194,13 @@ class LocalPlatform:
             await self.engine.add(self.spec)
             finished = asyncio.create_task(self.engine.wait_finished(self.spec.key))
             watcher = _FaultWatch(workloads.canary_url)
+            crashed_at: float | None = None  # kept here: a retired canary's record goes
             while not finished.done():
                 if on_tick is not None:
                     await on_tick(self)
                 await watcher.poll()
-                await asyncio.wait({finished}, timeout=0.25)
+                crashed_at = crashed_at or workloads.exited_at("canary")
+                await asyncio.wait({finished}, timeout=0.1)
             status = finished.result()
             if on_tick is not None:
                 await on_tick(self)
@@ -208,8 +210,12 @@ class LocalPlatform:
             await self.engine.stop()
             await runner
             await watcher.close()
+            bad_since = min(
+                (t for t in (watcher.faulty_since, crashed_at) if t is not None),
+                default=None,
+            )
             return self._summary(
-                status, started, load, confirmed, watcher.faulty_since, end_time, str(audit_path)
+                status, started, load, confirmed, bad_since, end_time, str(audit_path)
             )
 
     async def _router(self, stack: contextlib.AsyncExitStack, workloads: ProcessWorkloads) -> Any:

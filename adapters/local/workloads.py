@@ -52,6 +52,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -175,6 +176,7 @@ class _Pod:
         self.state = PodState.STARTING
         self.restarts = 0
         self.exit_code: int | None = None
+        self.exited_at: float | None = None  # wall time of the last exit nobody asked for
         self.stderr: deque[str] = deque(maxlen=STDERR_LINES)
         self.process: asyncio.subprocess.Process | None = None
         self._python = python
@@ -320,6 +322,7 @@ class _Pod:
             if self._stopping:
                 return
             self.exit_code = code
+            self.exited_at = time.time()
             self.state = PodState.FAILED if code != 0 else PodState.EXITED
             log.warning("%s %s", self.name, _exit_text(code))
             if not self._restart:
@@ -470,6 +473,11 @@ class ProcessWorkloads:
             for p in self._pods[track]
             if p.process is not None and p.process.returncode is None
         ]
+
+    def exited_at(self, track: str) -> float | None:
+        """When a process of the track last exited without being asked (a crash), if ever."""
+        times = [p.exited_at for p in self._pods[track] if p.exited_at is not None]
+        return max(times, default=None)
 
     def last_stderr(self, track: str) -> list[str]:
         """The last stderr lines of the track's newest process."""
