@@ -64,6 +64,11 @@ class Action(Enum):
 _PRIORITY = {a: i for i, a in enumerate(Action)}
 
 
+def _hashed(node: object, *fields: object) -> None:
+    """Store the node's hash: children hash in O(1), so hashing a tree is O(1), not O(size)."""
+    object.__setattr__(node, "_hash", hash((type(node).__name__, *fields)))
+
+
 def _depth(*children: Expr) -> int:
     return 1 + max((c.depth for c in children), default=0)
 
@@ -82,6 +87,13 @@ class Number:
     unit: str = ""
     span: Span = field(default=NO_SPAN, compare=False, repr=False)
     depth: int = field(default=1, compare=False, repr=False)
+    _hash: int = field(default=0, init=False, compare=False, repr=False)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __post_init__(self) -> None:
+        _hashed(self, self.value, self.dim, self.text, self.unit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +101,13 @@ class Bool:
     value: bool
     span: Span = field(default=NO_SPAN, compare=False, repr=False)
     depth: int = field(default=1, compare=False, repr=False)
+    _hash: int = field(default=0, init=False, compare=False, repr=False)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __post_init__(self) -> None:
+        _hashed(self, self.value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +122,13 @@ class Ref:
     track: str | None = None
     span: Span = field(default=NO_SPAN, compare=False, repr=False)
     depth: int = field(default=1, compare=False, repr=False)
+    _hash: int = field(default=0, init=False, compare=False, repr=False)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __post_init__(self) -> None:
+        _hashed(self, self.name, self.track)
 
     @property
     def text(self) -> str:
@@ -116,6 +142,13 @@ class LastN:
     count: Number
     span: Span = field(default=NO_SPAN, compare=False, repr=False)
     depth: int = field(default=2, compare=False, repr=False)
+    _hash: int = field(default=0, init=False, compare=False, repr=False)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __post_init__(self) -> None:
+        _hashed(self, self.count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,9 +158,14 @@ class Call:
     span: Span = field(default=NO_SPAN, compare=False, repr=False)
     func_span: Span = field(default=NO_SPAN, compare=False, repr=False)
     depth: int = field(default=0, compare=False, repr=False)
+    _hash: int = field(default=0, init=False, compare=False, repr=False)
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "depth", 1 + max((a.depth for a in self.args), default=0))
+        _hashed(self, self.func, self.args)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +177,14 @@ class Unary:
     span: Span = field(default=NO_SPAN, compare=False, repr=False)
     depth: int = field(default=0, compare=False, repr=False)
 
+    _hash: int = field(default=0, init=False, compare=False, repr=False)
+
+    def __hash__(self) -> int:
+        return self._hash
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "depth", _depth(self.operand))
+        _hashed(self, self.op, self.operand)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,8 +198,14 @@ class Binary:
     op_span: Span = field(default=NO_SPAN, compare=False, repr=False)
     depth: int = field(default=0, compare=False, repr=False)
 
+    _hash: int = field(default=0, init=False, compare=False, repr=False)
+
+    def __hash__(self) -> int:
+        return self._hash
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "depth", _depth(self.left, self.right))
+        _hashed(self, self.op, self.left, self.right)
 
 
 Expr = Number | Bool | Ref | Call | Unary | Binary

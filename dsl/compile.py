@@ -1,16 +1,21 @@
 """The compiler: a `CheckedPolicy` in, a `CompiledPolicy` (a fast, pure evaluator) out.
 
 A policy is evaluated at every tick of every rollout, so the compiler turns
-it into one straight-line Python function instead of walking the tree each
-time. The generated code follows a fixed shape:
+it into straight-line Python instead of walking the tree each time. The
+generated code follows a fixed shape, in parts of at most PART_LINES lines
+(CPython compiles one huge function in superlinear time), each part for a run
+of consecutive rules:
 
-1. read every metric and context value the policy uses from the snapshot;
-2. push the argument of every windowed call (`avg`, `count`, ...) into its
-   window and compute the aggregate, innermost first, every tick (a window
-   must see every evaluation, even where `and`/`or` would not look at it);
-3. compute each rule's condition with Kleene logic (`None` is unknown);
-4. advance each rule's `for` state as Prometheus does (pending, then firing);
-5. pick the deciding rule in priority order and count the healthy rules.
+1. read the metric and context values its rules use from the snapshot;
+2. before a rule, push the argument of each windowed call (`avg`, `count`,
+   ...) it is first to use into its window and compute the aggregate,
+   innermost first, every tick (a window must see every evaluation, even where
+   `and`/`or` would not look at it); later parts read the stored aggregate;
+3. compute each rule's condition with Kleene logic (`None` is unknown), one
+   statement per comparison tree and per `and`/`or`;
+4. hand the conditions to `_advance`, which moves each rule's `for` state as
+   Prometheus does (pending, then firing), picks the part's deciding rule in
+   priority order and counts its healthy rules.
 
 Safety: the generated source is built only from our own templates and
 variable names (`r0`, `t3`, `w1`). No text of the policy, not even a metric
@@ -21,6 +26,7 @@ literal such as `1e999` never has to be spelled in Python.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,8 +35,6 @@ from dsl import ast
 from dsl.ast import Action
 from dsl.check import CheckedPolicy, key_of
 from dsl.runtime import PolicyState, Snapshot, Verdict, Window
-
-_UNROLL = 64  # up to this many rules, selection and health are unrolled straight-line code
 
 _Tick = Callable[[float, Snapshot, PolicyState], tuple[int, int, tuple[bool | None, ...]]]
 
@@ -60,7 +64,7 @@ class CompiledPolicy:
         checked: CheckedPolicy,
         rules: tuple[CompiledRule, ...],
         windows: tuple[WindowSpec, ...],
-        tick: _Tick,
+        make_tick: Callable[[], _Tick],
         source: str,
         source_hash: str,
         path: str,
@@ -74,7 +78,11 @@ class CompiledPolicy:
         self.source = source
         self.source_hash = source_hash
         self.path = path
-        self._tick = tick
+        # Python compiles the generated source at the first evaluation (or `prepare()`):
+        # checking a policy, or loading a directory of them, never pays for bytecode
+        # of policies nobody runs.
+        self._make_tick = make_tick
+        self._tick: _Tick = self._first_tick
         self.generated_source = ""  # the Python the compiler wrote, for review and tests
         self._rule_info = tuple((r.label, r.action) for r in rules)
         self._health_rules = sum(r.action in (Action.ROLLBACK, Action.PAUSE) for r in rules)
@@ -85,6 +93,17 @@ class CompiledPolicy:
 
     def __repr__(self) -> str:
         return f"CompiledPolicy({self.path!r}, {len(self.rules)} rules)"
+
+    def prepare(self) -> None:
+        """Compile the evaluator now rather than at the first evaluation."""
+        if self._tick == self._first_tick:
+            self._tick = self._make_tick()
+
+    def _first_tick(
+        self, now: float, snapshot: Snapshot, state: PolicyState
+    ) -> tuple[int, int, tuple[bool | None, ...]]:
+        self.prepare()
+        return self._tick(now, snapshot, state)
 
     def new_state(self) -> PolicyState:
         n = len(self.rules)
@@ -106,24 +125,34 @@ class CompiledPolicy:
         firing = tuple(state.firing)
         if decider < 0:
             return Verdict(
-                now, Action.CONTINUE, None, "continue: no rule fires", health, None, (),
-                conditions, pending, firing, self._rule_info,
+                now, Action.CONTINUE, None, health, None, conditions, pending, firing,
+                self._rule_info,
             )
-        from dsl.explain import explain_rule
-
-        rule = self.rules[decider]
         since = pending[decider]
         true_for = now - since if since is not None else 0.0
+        # What the explanation needs, frozen now: the caller may reuse its snapshot.
+        because = functools.partial(
+            self._explain, decider, true_for, dict(snapshot), list(state.window_values)
+        )
+        rule = self.rules[decider]
+        return Verdict(
+            now, rule.action, rule.label, health, true_for, conditions, pending, firing,
+            self._rule_info, because,
+        )
+
+    def _explain(
+        self, decider: int, true_for: float, snapshot: Snapshot, window_values: list[Any]
+    ) -> tuple[tuple[tuple[str, str], ...], str]:
+        from dsl.explain import explain_rule
+        from dsl.units import format_duration
+
+        rule = self.rules[decider]
+        state = PolicyState([], [], [], window_values)
         values, text = explain_rule(self, rule.node.condition, snapshot, state)
         explanation = f"{rule.action.value}: {rule.label}: {text}"
         if rule.for_seconds or true_for:
-            from dsl.units import format_duration
-
             explanation += f", true for {format_duration(true_for)}"
-        return Verdict(
-            now, rule.action, rule.label, explanation, health, true_for, values,
-            conditions, pending, firing, self._rule_info,
-        )
+        return values, explanation
 
 
 def compile_policy(
@@ -134,9 +163,12 @@ def compile_policy(
     )
     gen = _Generator()
     for r in rules:
+        gen.rule_windows.append([])
         gen.collect_windows(r.node.condition)
-    tick = gen.build(rules)
-    policy = CompiledPolicy(checked, rules, tuple(gen.windows), tick, source, source_hash, path)
+    make_tick = gen.build(rules)
+    policy = CompiledPolicy(
+        checked, rules, tuple(gen.windows), make_tick, source, source_hash, path
+    )
     policy.generated_source = gen.source
     return policy
 
@@ -144,12 +176,19 @@ def compile_policy(
 # --- code generation -----------------------------------------------------------
 
 
+PART_LINES = 1500
+
+
 class _Generator:
     def __init__(self) -> None:
         self.windows: list[WindowSpec] = []
         self.window_of: dict[ast.Call, int] = {}
+        # Hashing a node hashes its whole subtree; look calls up by identity after
+        # the one hash per call that finds equal calls.
+        self.window_at: dict[int, int] = {}
+        self.rule_windows: list[list[int]] = []
         self.consts: dict[str, Any] = {}
-        self.const_of: dict[tuple[type, Any], str] = {}
+        self.const_of: dict[tuple[type, Any, Any], str] = {}
         self.refs: dict[str, str] = {}
         self.lines: list[str] = []
         self.temp = 0
@@ -157,7 +196,8 @@ class _Generator:
 
     # closure variables: every value from the policy enters the code this way
     def const(self, value: Any) -> str:
-        key = (type(value), value)
+        # (0,) == (0.0,): tuples are told apart by their items' types too
+        key = (type(value), tuple(map(type, value)) if isinstance(value, tuple) else (), value)
         if key not in self.const_of:
             name = f"k{len(self.consts)}"
             self.consts[name] = value
@@ -175,80 +215,109 @@ class _Generator:
         """Post-order: inner windows get lower indexes and are computed first."""
         for child in ast.children(node):
             self.collect_windows(child)
-        if isinstance(node, ast.Call) and len(node.args) == 2 and node not in self.window_of:
+        if isinstance(node, ast.Call) and len(node.args) == 2:
+            index = self.window_of.get(node)
+            if index is not None:
+                self.window_at[id(node)] = index
+                self.rule_windows[-1].append(index)
+                return
             arg = node.args[1]
             if isinstance(arg, ast.LastN):
                 spec = WindowSpec(node, None, int(arg.count.value))
             else:
                 assert isinstance(arg, ast.Number)
                 spec = WindowSpec(node, arg.value, None)
-            self.window_of[node] = len(self.windows)
+            self.window_of[node] = self.window_at[id(node)] = len(self.windows)
+            self.rule_windows[-1].append(len(self.windows))
             self.windows.append(spec)
 
-    def build(self, rules: tuple[CompiledRule, ...]) -> _Tick:
-        body = 2
-        self.emit("wins = st.windows", body)
-        self.emit("wv = st.window_values", body)
-        self.emit("ps = st.pending_since", body)
-        self.emit("fi = st.firing", body)
-        for i, spec in enumerate(self.windows):
-            self._window(i, spec, body)
-        conds = []
-        for r in rules:
-            code, _ = self.expr(r.node.condition, body)
+    # CPython compiles one huge function in superlinear time (a 2,000-rule body
+    # takes 3x as long per line as a 500-rule one), so a large policy becomes
+    # several part functions of at most PART_LINES lines, called in turn.
+    def build(self, rules: tuple[CompiledRule, ...]) -> Callable[[], _Tick]:
+        self.parts: list[str] = []
+        self.rank = [0] * len(rules)
+        order = sorted(range(len(rules)), key=lambda i: (rules[i].action.priority, i))
+        for n, i in enumerate(order):
+            self.rank[i] = n
+        done: set[int] = set()
+        members: list[int] = []
+        conds: list[str] = []
+        self._open()
+        for i, r in enumerate(rules):
+            if len(self.lines) > PART_LINES:
+                self._close(rules, members, conds)
+                members, conds = [], []
+                self._open()
+            for wi in sorted(set(self.rule_windows[i])):
+                if wi not in done:
+                    self._window(wi, self.windows[wi], 2)
+                    self.local_windows.add(wi)
+                    done.add(wi)
+            code, _ = self.expr(r.node.condition, 2)
             if not code.isidentifier() or code in ("True", "False"):
                 c = self.fresh()
-                self.emit(f"{c} = {code}", body)
+                self.emit(f"{c} = {code}", 2)
                 code = c
+            members.append(i)
             conds.append(code)
-        firing = []
-        for i, (r, c) in enumerate(zip(rules, conds, strict=True)):
-            f = f"f{i}"
-            self.emit(f"if {c} is True:", body)
-            self.emit(f"p = ps[{i}]", body + 1)
-            self.emit("if p is None:", body + 1)
-            self.emit(f"ps[{i}] = p = now", body + 2)
-            if r.for_seconds:
-                self.emit(f"{f} = now - p >= {self.const(r.for_seconds)}", body + 1)
-            else:
-                self.emit(f"{f} = True", body + 1)
-            self.emit("else:", body)
-            self.emit(f"ps[{i}] = None", body + 1)
-            self.emit(f"{f} = False", body + 1)
-            self.emit(f"fi[{i}] = {f}", body)
-            firing.append(f)
-        order = sorted(range(len(rules)), key=lambda i: (rules[i].action.priority, i))
-        # Flat code only: a chain of 3,000 `elif`s or `+`s is too deep for
-        # CPython's own compiler, so long policies use a loop and a tuple.
-        if len(rules) <= _UNROLL:
-            self.emit("d = -1", body)
-            for n, i in enumerate(order):
-                self.emit(f"{'if' if n == 0 else 'elif'} {firing[i]}:", body)
-                self.emit(f"d = {i}", body + 1)
-        else:
-            self.emit(f"d = next((i for i in {self.const(tuple(order))} if fi[i]), -1)", body)
-        healthy = [
-            c for r, c in zip(rules, conds, strict=True)
-            if r.action in (Action.ROLLBACK, Action.PAUSE)
-        ]
-        if len(healthy) <= _UNROLL:
-            self.emit(f"h = {' + '.join(f'({c} is False)' for c in healthy) or '0'}", body)
-        else:
-            # conditions are True, False or None, so counting `== False` counts False alone
-            self.emit(f"h = ({''.join(c + ', ' for c in healthy)}).count(False)", body)
-        self.emit(f"return d, h, ({''.join(c + ', ' for c in conds)})", body)
+        self._close(rules, members, conds)
         return self._assemble()
 
-    def _assemble(self) -> _Tick:
-        reads = [f"        {var} = get({self.const(key)})" for key, var in self.refs.items()]
-        head = [f"def _make({', '.join(self.consts)}):", "    def tick(now, m, st):"]
-        head.append("        get = m.get")
-        source = "\n".join([*head, *reads, *self.lines, "    return tick"])
-        namespace: dict[str, Any] = {}
-        exec(compile(source, "<codedance policy>", "exec"), namespace)
-        tick: _Tick = namespace["_make"](**self.consts)
+    def _open(self) -> None:
+        self.lines = []
+        self.refs = {}
+        self.local_windows: set[int] = set()
+        self.loaded_windows: set[int] = set()
+
+    def _close(self, rules: tuple[CompiledRule, ...], members: list[int], conds: list[str]) -> None:
+        body = 2
+        first = members[0] if members else 0  # a policy may have no rules
+        holds = tuple(rules[i].for_seconds for i in members)
+        order = tuple(sorted(members, key=lambda i: self.rank[i]))
+        guards = tuple(
+            j for j, i in enumerate(members) if rules[i].action in (Action.ROLLBACK, Action.PAUSE)
+        )
+        self.emit(f"c = ({''.join(c + ', ' for c in conds)})", body)
+        self.emit(
+            f"return {self.const(_advance)}(now, c, {first}, {self.const(holds)}, "
+            f"{self.const(order)}, {self.const(guards)}, ps, fi) + (c,)",
+            body,
+        )
+        head = [f"    def part{len(self.parts)}(now, m, st):", "        get = m.get"]
+        head += ["        wins = st.windows", "        wv = st.window_values"]
+        head += ["        ps = st.pending_since", "        fi = st.firing"]
+        head += [f"        {var} = get({self.const(key)})" for key, var in self.refs.items()]
+        head += [f"        w{i} = wv[{i}]" for i in sorted(self.loaded_windows)]
+        self.parts.append("\n".join([*head, *self.lines]))
+
+    def _assemble(self) -> Callable[[], _Tick]:
+        lines = [f"def _make({', '.join([*self.consts, 'rank'])}):", *self.parts]
+        if len(self.parts) == 1:
+            lines.append("    return part0")
+        else:
+            n = len(self.parts)
+            lines.append("    def tick(now, m, st):")
+            for k in range(n):
+                lines.append(f"        d{k}, h{k}, c{k} = part{k}(now, m, st)")
+            lines.append("        d = d0")
+            for k in range(1, n):
+                lines.append(f"        if d{k} >= 0 and (d < 0 or rank[d{k}] < rank[d]):")
+                lines.append(f"            d = d{k}")
+            lines.append(f"        return d, {' + '.join(f'h{k}' for k in range(n))}, "
+                         f"{' + '.join(f'c{k}' for k in range(n))}")
+            lines.append("    return tick")
+        source = "\n".join(lines)
         self.source = source
-        return tick
+        consts, rank = self.consts, self.rank
+
+        def make() -> _Tick:
+            namespace: dict[str, Any] = {}
+            exec(compile(source, "<codedance policy>", "exec"), namespace)
+            tick: _Tick = namespace["_make"](**consts, rank=rank)
+            return tick
+
+        return make
 
     # expressions: each returns (python expression, may it be None?)
     def expr(self, node: ast.Expr | ast.LastN, ind: int) -> tuple[str, bool]:
@@ -275,37 +344,52 @@ class _Generator:
             raise AssertionError("`last N` outside a window")
         if node.op in ("and", "or"):
             return self._logic(node, ind)
-        a, na = self.expr(node.left, ind)
-        b, nb = self.expr(node.right, ind)
-        guards = [f"{x} is None" for x, n in ((a, na), (b, nb)) if n]
-        if node.op == "/":
-            guards.append(f"{b} == 0")
-        value = f"{a} {node.op} {b}"
+        # One statement for a whole arithmetic and comparison tree: it is unknown
+        # when any operand is, or a divisor is zero (tested after the operands).
+        value, unknown, zero = self._arith(node, ind)
+        guards = list(dict.fromkeys(unknown)) + zero
         if not guards:
-            return f"({value})", False
+            return value, False
         t = self.fresh()
         self.emit(f"{t} = None if {' or '.join(guards)} else {value}", ind)
         return t, True
 
+    def _arith(self, node: ast.Expr, ind: int) -> tuple[str, list[str], list[str]]:
+        """(value, names that make it unknown when None, divisors that must not be 0)."""
+        if isinstance(node, ast.Binary) and node.op not in ("and", "or"):
+            a, ua, za = self._arith(node.left, ind)
+            b, ub, zb = self._arith(node.right, ind)
+            zero = za + zb + ([f"{b} == 0"] if node.op == "/" else [])
+            return f"({a} {node.op} {b})", ua + ub, zero
+        if isinstance(node, ast.Unary) and node.op == "-":
+            a, ua, za = self._arith(node.operand, ind)
+            return f"(-{a})", ua, za
+        code, nullable = self.expr(node, ind)
+        return code, [f"{code} is None"] if nullable else [], []
+
     def _logic(self, node: ast.Binary, ind: int) -> tuple[str, bool]:
         # Kleene: false and x = false; true or x = true; otherwise unknown wins.
+        # Both sides are computed (they are side-effect free: windows were pushed
+        # already), which keeps this one line instead of a branch per operator.
         stop, other = ("False", "True") if node.op == "and" else ("True", "False")
-        a, _ = self.expr(node.left, ind)
+        a, na = self.expr(node.left, ind)
+        b, nb = self.expr(node.right, ind)
+        if not na and not nb:
+            return f"({a} {node.op} {b})", False
         t = self.fresh()
-        self.emit(f"{t} = {a}", ind)
-        self.emit(f"if {t} is not {stop}:", ind)
-        b, _ = self.expr(node.right, ind + 1)
-        self.emit(f"if {b} is {stop}:", ind + 1)
-        self.emit(f"{t} = {stop}", ind + 2)
-        self.emit(f"elif {t} is None or {b} is None:", ind + 1)
-        self.emit(f"{t} = None", ind + 2)
-        self.emit("else:", ind + 1)
-        self.emit(f"{t} = {other}", ind + 2)
+        unknown = " or ".join(f"{x} is None" for x, n in ((a, na), (b, nb)) if n)
+        self.emit(
+            f"{t} = {stop} if {a} is {stop} or {b} is {stop} else None if {unknown} else {other}",
+            ind,
+        )
         return t, True
 
     def _call(self, node: ast.Call, ind: int) -> tuple[str, bool]:
-        if node in self.window_of:
-            return f"w{self.window_of[node]}", node.func != "count"  # a count is never unknown
+        wi = self.window_at.get(id(node))
+        if wi is not None:
+            if wi not in self.local_windows:
+                self.loaded_windows.add(wi)
+            return f"w{wi}", node.func != "count"  # a count is never unknown
         arg = node.args[0]
         assert not isinstance(arg, ast.LastN)
         a, na = self.expr(arg, ind)
@@ -321,27 +405,118 @@ class _Generator:
         arg = spec.call.args[0]
         assert not isinstance(arg, ast.LastN)
         x, _ = self.expr(arg, ind)
-        w = f"w{i}"
-        self.emit(f"items = wins[{i}].items", ind)
-        self.emit(f"items.append((now, {x}))", ind)
-        if spec.seconds is not None:
-            self.emit(f"cut = now - {self.const(spec.seconds)}", ind)
-            self.emit("while items and items[0][0] <= cut:", ind)
-            self.emit("items.popleft()", ind + 1)
-        func = spec.call.func
-        if func == "count":
-            self.emit(f"{w} = sum([1 for _, v in items if v is True])", ind)
+        agg = self.const(_AGGREGATES[spec.call.func])
+        self.emit(f"w{i} = wv[{i}] = {agg}(wins[{i}], now, {x})", ind)
+
+
+def _avg(w: Window, now: float, x: Any) -> Any:
+    items = w.items
+    items.append((now, x))
+    if w.seconds is not None:
+        cut = now - w.seconds
+        while items and items[0][0] <= cut:
+            items.popleft()
+    vs = [v for _, v in items if v is not None]
+    return sum(vs) / len(vs) if vs else None
+
+
+def _min(w: Window, now: float, x: Any) -> Any:
+    items = w.items
+    items.append((now, x))
+    if w.seconds is not None:
+        cut = now - w.seconds
+        while items and items[0][0] <= cut:
+            items.popleft()
+    vs = [v for _, v in items if v is not None]
+    return min(vs) if vs else None
+
+
+def _max(w: Window, now: float, x: Any) -> Any:
+    items = w.items
+    items.append((now, x))
+    if w.seconds is not None:
+        cut = now - w.seconds
+        while items and items[0][0] <= cut:
+            items.popleft()
+    vs = [v for _, v in items if v is not None]
+    return max(vs) if vs else None
+
+
+def _delta(w: Window, now: float, x: Any) -> Any:
+    items = w.items
+    items.append((now, x))
+    if w.seconds is not None:
+        cut = now - w.seconds
+        while items and items[0][0] <= cut:
+            items.popleft()
+    vs = [v for _, v in items if v is not None]
+    return vs[-1] - vs[0] if len(vs) > 1 else None
+
+
+def _count(w: Window, now: float, x: Any) -> Any:
+    items = w.items
+    items.append((now, x))
+    if w.seconds is not None:
+        cut = now - w.seconds
+        while items and items[0][0] <= cut:
+            items.popleft()
+    return sum([1 for _, v in items if v is True])
+
+
+def _increase_w(w: Window, now: float, x: Any) -> Any:
+    items = w.items
+    items.append((now, x))
+    if w.seconds is not None:
+        cut = now - w.seconds
+        while items and items[0][0] <= cut:
+            items.popleft()
+    vs = [v for _, v in items if v is not None]
+    if len(vs) < 2:
+        return None
+    total = 0.0
+    prev = vs[0]
+    for v in vs[1:]:
+        total += v - prev if v >= prev else v
+        prev = v
+    return total
+
+
+_AGGREGATES = {"avg": _avg, "min": _min, "max": _max, "delta": _delta, "count": _count,
+               "increase": _increase_w}
+
+
+def _advance(
+    now: float,
+    conds: tuple[bool | None, ...],
+    first: int,
+    holds: tuple[float, ...],
+    order: tuple[int, ...],
+    guards: tuple[int, ...],
+    ps: list[float | None],
+    fi: list[bool],
+) -> tuple[int, int]:
+    """Advance the `for` state of rules first.. (as Prometheus does); (decider, healthy)."""
+    i = first
+    for c, hold in zip(conds, holds, strict=True):
+        if c is True:
+            p = ps[i]
+            if p is None:
+                ps[i] = p = now
+            fi[i] = now - p >= hold
         else:
-            self.emit("vs = [v for _, v in items if v is not None]", ind)
-            agg = {
-                "avg": f"{w} = sum(vs) / len(vs) if vs else None",
-                "min": f"{w} = min(vs) if vs else None",
-                "max": f"{w} = max(vs) if vs else None",
-                "delta": f"{w} = vs[-1] - vs[0] if len(vs) > 1 else None",
-                "increase": f"{w} = {self.const(_increase)}(vs)",
-            }[func]
-            self.emit(agg, ind)
-        self.emit(f"wv[{i}] = {w}", ind)
+            ps[i] = None
+            fi[i] = False
+        i += 1
+    decider = -1
+    for i in order:
+        if fi[i]:
+            decider = i
+            break
+    healthy = 0
+    for j in guards:
+        if conds[j] is False:
+            healthy += 1
+    return decider, healthy
 
 
 def _increase(values: list[float]) -> float | None:

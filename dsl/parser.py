@@ -63,6 +63,10 @@ def _span(tok: Token) -> Span:
     return Span(start, tok.end_pos if tok.end_pos is not None else start + len(tok))
 
 
+# Policies repeat their literals (`5m`, `300ms`); exact decimal conversion is not cheap.
+_quantity = functools.lru_cache(maxsize=1024)(parse_quantity)
+
+
 def _checked(node: Any) -> Any:
     if node.depth > MAX_DEPTH:
         raise _TooDeep(node.span)
@@ -75,7 +79,7 @@ class _Builder(lark.Transformer[Token, Any]):
     def number(self, c: list[Token]) -> ast.Number:
         tok = c[0]
         try:
-            value, dim, unit = parse_quantity(str(tok))
+            value, dim, unit = _quantity(str(tok))
         except UnitError as e:
             raise _BadLiteral(tok, e) from None
         return ast.Number(value, dim, str(tok), unit, _span(tok))
@@ -89,11 +93,11 @@ class _Builder(lark.Transformer[Token, Any]):
     def ref(self, c: list[Token]) -> ast.Ref:
         if len(c) == 1:
             return ast.Ref(str(c[0]), None, _span(c[0]))
-        return ast.Ref(str(c[2]), str(c[0]), _span(c[0]).cover(_span(c[2])))
+        return ast.Ref(str(c[2]), str(c[0]), Span(_span(c[0]).start, _span(c[2]).end))
 
     def call(self, c: list[Any]) -> ast.Call:
         name, args = c[0], [x for x in c[2:-1] if not isinstance(x, Token)]
-        span = _span(name).cover(_span(c[-1]))
+        span = Span(name.start_pos, c[-1].end_pos)
         return _checked(ast.Call(str(name), tuple(args), span, _span(name)))  # type: ignore[no-any-return]
 
     def group(self, c: list[Any]) -> Any:
@@ -102,12 +106,13 @@ class _Builder(lark.Transformer[Token, Any]):
 
     def unary(self, c: list[Any]) -> ast.Unary:
         op, operand = c
-        node = ast.Unary(str(op), operand, _span(op).cover(operand.span))
+        node = ast.Unary(str(op), operand, Span(op.start_pos, operand.span.end))
         return _checked(node)  # type: ignore[no-any-return]
 
     def binary(self, c: list[Any]) -> ast.Binary:
         left, op, right = c
-        node = ast.Binary(str(op), left, right, left.span.cover(right.span), _span(op))
+        # The operands stand left and right of the operator, so no min/max is needed.
+        node = ast.Binary(str(op), left, right, Span(left.span.start, right.span.end), _span(op))
         return _checked(node)  # type: ignore[no-any-return]
 
     def last_n(self, c: list[Token]) -> ast.LastN:
@@ -246,28 +251,22 @@ def _with_lines(tree: ast.Policy, source: str) -> ast.Policy:
     return ast.Policy(statements, tuple(_comments(source)))
 
 
+# A backtick query (skipped: `#` inside it is PromQL) or a comment.
+_COMMENT_OR_QUERY = re.compile(r"`[^`]*`?|#[^\n]*")
+
+
 def _comments(source: str) -> Iterator[ast.Comment]:
     """`#` to the end of the line, outside backtick-quoted queries."""
-    in_template = False
-    line = 1
-    line_start = 0
-    i = 0
-    n = len(source)
-    while i < n:
-        ch = source[i]
-        if ch == "\n":
-            line += 1
-            line_start = i + 1
-        elif ch == "`":
-            in_template = not in_template
-        elif ch == "#" and not in_template:
-            end = source.find("\n", i)
-            end = n if end < 0 else end
-            own = source[line_start:i].strip() == ""
-            yield ast.Comment(source[i:end].rstrip(), line, own)
-            i = end
+    line, pos = 1, 0
+    for m in _COMMENT_OR_QUERY.finditer(source):
+        if m.group().startswith("`"):
             continue
-        i += 1
+        start = m.start()
+        line += source.count("\n", pos, start)
+        pos = start
+        line_start = source.rfind("\n", 0, start) + 1
+        own = source[line_start:start].strip() == ""
+        yield ast.Comment(m.group().rstrip(), line, own)
 
 
 # --- syntax errors in the author's words ---------------------------------------

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -59,14 +59,35 @@ class Verdict:
     at: float
     action: Action
     rule: str | None
-    explanation: str
     health: float
     true_for: float | None
-    values: tuple[tuple[str, str], ...]
     conditions: tuple[bool | None, ...]
     pending_since: tuple[float | None, ...]
     firing: tuple[bool, ...]
     rule_info: tuple[tuple[str, Action], ...] = field(repr=False)
+    # Explaining costs more than evaluating, and most verdicts are never read in
+    # full (a backtest, `codedance test`), so the text is made on first use.
+    because: Callable[[], tuple[tuple[tuple[str, str], ...], str]] | None = field(
+        default=None, repr=False, compare=False
+    )
+    _memo: list[tuple[tuple[tuple[str, str], ...], str]] = field(
+        default_factory=list, repr=False, compare=False
+    )
+
+    def _explained(self) -> tuple[tuple[tuple[str, str], ...], str]:
+        if not self._memo:
+            self._memo.append(
+                self.because() if self.because is not None else ((), "continue: no rule fires")
+            )
+        return self._memo[0]
+
+    @property
+    def explanation(self) -> str:
+        return self._explained()[1]
+
+    @property
+    def values(self) -> tuple[tuple[str, str], ...]:
+        return self._explained()[0]
 
     @property
     def rules(self) -> tuple[RuleStatus, ...]:

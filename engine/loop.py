@@ -489,6 +489,7 @@ class Engine:
         return True
 
     def _use_policy(self, ro: _Rollout, policy: CompiledPolicy) -> None:
+        policy.prepare()  # compile now, not in the rollout's first tick
         ro.policy = policy
         ro.state = policy.new_state()
         spec = ro.spec

@@ -37,6 +37,7 @@ import functools
 import grp
 import ipaddress
 import json
+import logging
 import os
 import pwd
 import re
@@ -53,6 +54,8 @@ from adapters.local.proxy import check_url, check_weight
 from adapters.local.trafficstats import TrafficStats
 from engine.ports import RolloutRef
 
+log = logging.getLogger("codedance.nginx")
+
 WEIGHT_PATH = "/__codedance/weight"
 GENERATION_HEADER = "x-codedance-generation"
 LOG_FORMAT = (
@@ -61,6 +64,7 @@ LOG_FORMAT = (
 )
 # Debian installs nginx in /usr/sbin, which a non-root PATH often lacks.
 _SBIN = ("/usr/sbin", "/usr/local/sbin", "/usr/local/bin", "/usr/bin")
+_TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 # Characters that would end or reinterpret a value in nginx's config syntax.
 _UNSAFE = re.compile(r'[\s;{}"\'\\$#]')
 
@@ -112,8 +116,7 @@ def upstream_address(url: str, what: str) -> str:
         chosen = v4 if len(v4) == 1 else found
         if len(chosen) != 1:
             raise ValueError(
-                f"the {what} URL {url!r}: {host} resolves to {', '.join(found)}; "
-                "use one IP address"
+                f"the {what} URL {url!r}: {host} resolves to {', '.join(found)}; use one IP address"
             ) from None
         ip = ipaddress.ip_address(chosen[0])
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
@@ -205,9 +208,6 @@ http {{
     }}
 }}
 """
-
-
-_TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 
 def _free_port(host: str) -> int:
@@ -304,13 +304,24 @@ class NginxRouter:
         return f"http://{host}:{self._port}"
 
     @property
+    def pid(self) -> int | None:
+        """The master process id while nginx runs (it leads its own process group)."""
+        return self._process.pid if self.running and self._process else None
+
+    @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
     def _command(self, config: Path, *extra: str) -> list[str]:
         return [
-            self._binary, *extra,
-            "-p", str(self.workdir), "-c", str(config), "-e", str(self.error_log),
+            self._binary,
+            *extra,
+            "-p",
+            str(self.workdir),
+            "-c",
+            str(config),
+            "-e",
+            str(self.error_log),
         ]
 
     async def start(self) -> None:
@@ -330,7 +341,9 @@ class NginxRouter:
             # its own process group, so stop() can reach the workers too
             self._process = subprocess.Popen(
                 self._command(self.config_path),
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         # a process that exits without stop() still takes nginx with it
@@ -395,7 +408,7 @@ class NginxRouter:
 
     async def _set_upstream(self, track: str, url: str) -> None:
         checked = check_url(url, track)
-        address = upstream_address(checked, track)
+        address = await asyncio.to_thread(upstream_address, checked, track)
         await self._change(self._weight, {**self._addresses, track: address})
         self.urls[track] = checked
 
@@ -410,11 +423,12 @@ class NginxRouter:
             # track the new addresses before nginx logs a request to them
             self._tracks.update({addr: track for track, addr in addresses.items()})
             await self._install(weight, generation, addresses)
+            # a generation on disk is never reused, even if nginx is slow to load it
+            self._generation = generation
             retiring = self._workers.alive()
             # what `nginx -s reload` does, without trusting a pid file
             process.send_signal(signal.SIGHUP)
             await self._wait_serving(generation, retiring)
-            self._generation = generation
             self._weight = weight
             self._addresses = addresses
 
@@ -422,14 +436,20 @@ class NginxRouter:
         """Write, test and move a config into place; a rejected one stays as the candidate."""
         host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
         text = render_config(
-            self.workdir, f"{host}:{self._port}",
-            addresses["stable"], addresses["canary"], weight, generation,
+            self.workdir,
+            f"{host}:{self._port}",
+            addresses["stable"],
+            addresses["canary"],
+            weight,
+            generation,
         )
         self.candidate_path.write_text(text, encoding="utf-8")
         result = await asyncio.to_thread(
             subprocess.run,
             self._command(self.candidate_path, "-t", "-q"),
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode != 0:
             message = (result.stderr or result.stdout).strip()
@@ -507,7 +527,10 @@ class NginxRouter:
     async def _tail_forever(self) -> None:
         while True:
             await asyncio.sleep(self.log_interval)
-            self.flush_log()
+            try:
+                self.flush_log()
+            except OSError as e:  # a passing problem with the file: try again next time
+                log.warning("reading %s failed: %s", self.access_log, e)
 
     def flush_log(self) -> int:
         """Read the access log's new lines into the stats now; the number of requests read."""

@@ -13,11 +13,12 @@ never sends a request to the canary (stable). A weight change takes effect
 from the next request; requests in flight finish where they started.
 
 Each request is forwarded with its method, path, query, body and end-to-end
-headers; the upstream's status, headers and body come back the same way.
-Every attempt is recorded in the stats with its track. When the canary cannot
-be reached (it crashed), the request is sent to stable once, as nginx does
-with `proxy_next_upstream error timeout`: the client sees stable's answer and
-the stats see the canary's failure. As in nginx, a request that may not be
+headers (Host as the client sent it, plus X-Forwarded-For); the upstream's
+status, headers and body come back the same way. Every attempt is recorded in
+the stats with its track. When the canary cannot be reached (it crashed), the
+request is sent to stable once, as nginx does with `proxy_next_upstream error
+timeout`: the client sees stable's answer and the stats see the canary's
+failure. As in nginx, a request that may not be
 repeated (POST, PATCH) is retried only if it never reached the canary.
 """
 
@@ -108,13 +109,11 @@ class _Unreachable(Exception):
 
 
 def _request_headers(request: web.Request) -> CIMultiDict[str]:
-    named = {
-        token.strip().lower() for token in request.headers.get("Connection", "").split(",")
-    }
+    named = {token.strip().lower() for token in request.headers.get("Connection", "").split(",")}
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower in named or lower in ("host", "content-length"):
+        if lower in HOP_BY_HOP or lower in named or lower == "content-length":
             continue
         headers.add(name, value)
     peer = request.remote or ""
@@ -124,9 +123,7 @@ def _request_headers(request: web.Request) -> CIMultiDict[str]:
 
 
 def _response_headers(response: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    named = {
-        token.strip().lower() for token in response.headers.get("Connection", "").split(",")
-    }
+    named = {token.strip().lower() for token in response.headers.get("Connection", "").split(",")}
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in response.headers.items():
         lower = name.lower()

@@ -155,9 +155,7 @@ class TrafficStats:
     def serves(request: MetricRequest) -> bool:
         """True for a built-in metric of a known track, the ones a proxy can measure."""
         return (
-            request.template is None
-            and request.metric in SERVED
-            and request.target.track in TRACKS
+            request.template is None and request.metric in SERVED and request.target.track in TRACKS
         )
 
     async def fetch(self, at: float, requests: Sequence[MetricRequest]) -> MetricValues:
