@@ -61,6 +61,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prometheus", metavar="URL", default=None,
                    help="read metrics from this Prometheus instead of the router")
     p.add_argument("--json", action="store_true", help="print only a JSON summary")
+    p.add_argument("--bad-after", type=float, default=None, metavar="SECONDS",
+                   help="when the canary turns bad, after it starts (default 9)")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -122,7 +124,7 @@ def _run(spec: RolloutSpec, policy: CompiledPolicy, args: argparse.Namespace) ->
         raise UsageError("nginx not found: apt-get install nginx, or use --router builtin")
     platform = LocalPlatform(
         spec, policy, SCENARIOS[args.scenario], router=args.router, rate=args.rate,
-        prometheus=args.prometheus,
+        prometheus=args.prometheus, bad_after=args.bad_after,
     )
     coro = _drive(platform, quiet=args.json, manual=spec.strategy.type == "manual")
     try:

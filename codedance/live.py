@@ -51,9 +51,9 @@ def live_panel(platform: LocalPlatform) -> Panel:
     tracks.add_column("error rate", justify="right")
     tracks.add_column("requests/s", justify="right")
     for track in ("stable", "canary"):
-        p99 = platform.stats.value(track, "p99", 5.0, now)
-        err = platform.stats.value(track, "error_rate", 5.0, now)
-        rps = platform.stats.value(track, "request_rate", 5.0, now)
+        p99 = platform.stats.value(track, "p99", 1.0, now)
+        err = platform.stats.value(track, "error_rate", 1.0, now)
+        rps = platform.stats.value(track, "request_rate", 1.0, now)
         tracks.add_row(
             track, format_value(p99, Dim.DURATION), format_value(err, Dim.RATIO),
             format_value(rps, Dim.NUMBER),

@@ -37,10 +37,9 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from adapters.local.service import INJECTED_HEADER, TRACK_HEADER, VERSION_HEADER
 from engine.ports import Clock
 
-VERSION_HEADER = "X-Codedance-Version"
-TRACK_HEADER = "X-Codedance-Track"
 UNKNOWN = "?"
 
 
@@ -66,6 +65,7 @@ class Record:
     version: str | None = None
     track: str | None = None
     error: str | None = None
+    injected: bool = False  # a 500 the service gave on purpose
 
     @property
     def ok(self) -> bool:
@@ -184,6 +184,7 @@ class LoadGenerator:
                     status=response.status,
                     version=response.headers.get(VERSION_HEADER),
                     track=response.headers.get(TRACK_HEADER),
+                    injected=response.headers.get(INJECTED_HEADER) == "1",
                 )
         except (aiohttp.ClientError, TimeoutError) as e:
             record = Record(

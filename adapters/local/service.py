@@ -14,7 +14,8 @@ It prints one line, `READY port=PORT pid=PID`, on stdout once it listens
     GET /metrics   Prometheus exposition of its own registry (below)
     GET <other>    200 "hello from VERSION (TRACK)", or 500 when a fault says so
 
-Every response carries `X-Codedance-Version` and `X-Codedance-Track`.
+Every response carries `X-Codedance-Version` and `X-Codedance-Track`; a 500
+the service gave on purpose also carries `X-Codedance-Injected: 1`.
 
 Faults. `--latency S` (extra delay per request), `--error-share X` (a share of
 requests answer 500) and `--crash-after S` (the process exits abruptly, code
@@ -76,6 +77,8 @@ from prometheus_client import (
 
 VERSION_HEADER = "X-Codedance-Version"
 TRACK_HEADER = "X-Codedance-Track"
+# On a 500 the service failed on purpose: tells an injected fault from one on the way.
+INJECTED_HEADER = "X-Codedance-Injected"
 CRASH_EXIT_CODE = 3
 
 # Finer than prometheus_client's defaults around the few hundred milliseconds
@@ -194,7 +197,10 @@ class SampleService:
             text = f"hello from {b.version} ({b.track})\n"
         self._answered[status].inc()
         self._duration.observe(time.perf_counter() - arrived)
-        return web.Response(status=status, text=text)
+        response = web.Response(status=status, text=text)
+        if error:
+            response.headers[INJECTED_HEADER] = "1"
+        return response
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
