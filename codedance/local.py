@@ -150,8 +150,8 @@ class LocalPlatform:
         self.router_kind = router
         self.rate = rate
         self.prometheus = prometheus
-        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="codedance-")
-        self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
+        # kept after the run: the audit log and nginx's logs are there to read
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="codedance-demo-"))
         self.clock = LoopClock()
         self.audit = MemoryAudit()
         self.engine: Engine | None = None
