@@ -93,3 +93,31 @@ def test_a_bad_canary_is_rolled_back_in_time_losing_no_request(
     record_property("reaction_seconds", reaction)
     print(f"{scenario} via {router}: reaction {reaction:.2f}s")
     assert reaction is not None and 0 < reaction <= FOR[scenario] + INTERVAL + 0.5, s
+
+
+def test_run_local_drives_a_canary_deployment_manifest(tmp_path: Path) -> None:
+    manifest = (ROOT / "examples" / "local-rollout.yaml").read_text()
+    fast = tmp_path / "rollout.yaml"
+    fast.write_text(manifest.replace("stepDuration: 4s", "stepDuration: 1s"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "codedance.cli", "run", str(fast), "--local", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["phase"] == "Succeeded"
+    assert [t["weight"] for t in summary["transitions"] if t["action"] == "step"] == [
+        5, 10, 25, 50, 75, 100,
+    ]
+
+
+def test_run_local_refuses_an_invalid_manifest_with_the_field(tmp_path: Path) -> None:
+    manifest = (ROOT / "examples" / "local-rollout.yaml").read_text()
+    bad = tmp_path / "rollout.yaml"
+    bad.write_text(manifest.replace("stepDuration: 4s", "stepDuration: 4s\n    maxWeight: 150"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "codedance.cli", "run", str(bad), "--local"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "spec.strategy.maxWeight" in proc.stderr and "Traceback" not in proc.stderr
