@@ -409,76 +409,39 @@ class _Generator:
         self.emit(f"w{i} = wv[{i}] = {agg}(wins[{i}], now, {x})", ind)
 
 
+def _known(w: Window, now: float, x: Any) -> list[Any]:
+    """Push this tick's value; the known values of the window, oldest first."""
+    w.push(now, x)
+    return [v for _, v in w.items if v is not None]
+
+
 def _avg(w: Window, now: float, x: Any) -> Any:
-    items = w.items
-    items.append((now, x))
-    if w.seconds is not None:
-        cut = now - w.seconds
-        while items and items[0][0] <= cut:
-            items.popleft()
-    vs = [v for _, v in items if v is not None]
+    vs = _known(w, now, x)
     return sum(vs) / len(vs) if vs else None
 
 
 def _min(w: Window, now: float, x: Any) -> Any:
-    items = w.items
-    items.append((now, x))
-    if w.seconds is not None:
-        cut = now - w.seconds
-        while items and items[0][0] <= cut:
-            items.popleft()
-    vs = [v for _, v in items if v is not None]
+    vs = _known(w, now, x)
     return min(vs) if vs else None
 
 
 def _max(w: Window, now: float, x: Any) -> Any:
-    items = w.items
-    items.append((now, x))
-    if w.seconds is not None:
-        cut = now - w.seconds
-        while items and items[0][0] <= cut:
-            items.popleft()
-    vs = [v for _, v in items if v is not None]
+    vs = _known(w, now, x)
     return max(vs) if vs else None
 
 
 def _delta(w: Window, now: float, x: Any) -> Any:
-    items = w.items
-    items.append((now, x))
-    if w.seconds is not None:
-        cut = now - w.seconds
-        while items and items[0][0] <= cut:
-            items.popleft()
-    vs = [v for _, v in items if v is not None]
+    vs = _known(w, now, x)
     return vs[-1] - vs[0] if len(vs) > 1 else None
 
 
 def _count(w: Window, now: float, x: Any) -> Any:
-    items = w.items
-    items.append((now, x))
-    if w.seconds is not None:
-        cut = now - w.seconds
-        while items and items[0][0] <= cut:
-            items.popleft()
-    return sum([1 for _, v in items if v is True])
+    w.push(now, x)
+    return sum([1 for _, v in w.items if v is True])
 
 
 def _increase_w(w: Window, now: float, x: Any) -> Any:
-    items = w.items
-    items.append((now, x))
-    if w.seconds is not None:
-        cut = now - w.seconds
-        while items and items[0][0] <= cut:
-            items.popleft()
-    vs = [v for _, v in items if v is not None]
-    if len(vs) < 2:
-        return None
-    total = 0.0
-    prev = vs[0]
-    for v in vs[1:]:
-        total += v - prev if v >= prev else v
-        prev = v
-    return total
+    return _increase(_known(w, now, x))
 
 
 _AGGREGATES = {"avg": _avg, "min": _min, "max": _max, "delta": _delta, "count": _count,
