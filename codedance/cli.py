@@ -3,6 +3,12 @@
     codedance check PATH...          check .rules files (exit 0 clean, 1 diagnostics, 2 usage)
     codedance test FILE_OR_DIR...    run *_test.yaml policy tests (0 pass, 1 fail, 2 broken file)
     codedance fmt [--check] PATH...  rewrite .rules files in canonical form
+    codedance explain FILE...        each rule in plain words (0, 1 diagnostics, 2 usage)
+    codedance backtest POLICY (--recording FILE | --prometheus URL --rollout NS/NAME) ...
+                                     replay past metrics through a policy (0 ran, 2 bad input)
+    codedance repl [FILE...]         try a policy interactively
+    codedance demo [--scenario ...]  a canary release on this machine (0 Succeeded, 1 not)
+    codedance run ROLLOUT.yaml --local   the same, driven by a CanaryDeployment manifest
 
 Output is plain text that reads the same in a terminal and in a CI log.
 Results go to stdout and summaries and usage errors to stderr, so `check`
@@ -81,6 +87,15 @@ def _parser() -> argparse.ArgumentParser:
     from codedance.demo_cmd import add_commands
 
     add_commands(commands)
+    from codedance.backtest import add_command as add_backtest
+
+    add_backtest(commands)
+    from codedance.explain_cmd import add_command as add_explain
+
+    add_explain(commands)
+    from codedance.repl import add_command as add_repl
+
+    add_repl(commands)
     return parser
 
 
