@@ -1,7 +1,7 @@
 """`codedance demo` and `codedance run --local`: a real release on this machine.
 
-    codedance demo [--scenario healthy|slow|errors|crash] [--router builtin|nginx]
-                   [--strategy linear|exponential|manual|steps] [--policy FILE] [--json]
+    codedance demo [--scenario healthy|slow|errors|crash] [--router builtin|nginx|NAME]
+                   [--strategy linear|exponential|manual|steps|NAME] [--policy FILE] [--json]
     codedance run ROLLOUT.yaml --local [--scenario ...] [--router ...] [--json]
 
 Both start the local platform (`codedance.local`), show the rollout live in
@@ -26,6 +26,7 @@ from pydantic import ValidationError
 import dsl
 from codedance.policy_files import UsageError, read_text
 from dsl.compile import CompiledPolicy
+from engine import registry
 from engine.model import Phase, RolloutSpec, StrategySpec
 
 RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
@@ -36,7 +37,8 @@ def add_commands(commands: Any) -> None:
     demo = commands.add_parser("demo", help="run a canary release on this machine")
     _common(demo)
     demo.add_argument(
-        "--strategy", choices=["linear", "exponential", "manual", "steps"], default="linear"
+        "--strategy", default="linear", metavar="NAME",
+        help="linear, exponential, manual, steps, or a package's (default linear)",
     )
     demo.add_argument("--step-duration", default="4s", help="time per step (default 4s)")
     demo.add_argument("--policy", type=Path, default=None, help="a .rules file (default: demo)")
@@ -56,7 +58,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     from codedance.local import SCENARIOS
 
     p.add_argument("--scenario", choices=sorted(SCENARIOS), default="healthy")
-    p.add_argument("--router", choices=["builtin", "nginx"], default="builtin")
+    p.add_argument("--router", default="builtin", metavar="NAME",
+                   help="a registered traffic router: builtin, nginx, or a package's")
     p.add_argument("--rate", type=float, default=50.0, help="requests per second (default 50)")
     p.add_argument("--prometheus", metavar="URL", default=None,
                    help="read metrics from this Prometheus instead of the router")
@@ -68,11 +71,14 @@ def _common(p: argparse.ArgumentParser) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     path = args.policy or DEMO_POLICY
     policy = _load_policy(path)
-    strategy = StrategySpec(
-        type=args.strategy,
-        steps=(10, 50, 100) if args.strategy == "steps" else None,
-        step_duration=args.step_duration,
-    )
+    try:
+        strategy = StrategySpec(
+            type=args.strategy,
+            steps=(10, 50, 100) if args.strategy == "steps" else None,
+            step_duration=args.step_duration,
+        )
+    except ValidationError as e:
+        raise UsageError(f"--strategy/--step-duration: {e.errors()[0]['msg']}") from None
     spec = RolloutSpec(
         name="web", namespace="default", stable="web", policy=path.stem, interval=1.0,
         strategy=strategy, max_pause=30.0,
@@ -122,10 +128,13 @@ def _run(spec: RolloutSpec, policy: CompiledPolicy, args: argparse.Namespace) ->
         "/usr/sbin/nginx"
     ).exists():
         raise UsageError("nginx not found: apt-get install nginx, or use --router builtin")
-    platform = LocalPlatform(
-        spec, policy, SCENARIOS[args.scenario], router=args.router, rate=args.rate,
-        prometheus=args.prometheus, bad_after=args.bad_after,
-    )
+    try:
+        platform = LocalPlatform(
+            spec, policy, SCENARIOS[args.scenario], router=args.router, rate=args.rate,
+            prometheus=args.prometheus, bad_after=args.bad_after,
+        )
+    except registry.ProviderError as e:
+        raise UsageError(e.message) from None
     coro = _drive(platform, quiet=args.json, manual=spec.strategy.type == "manual")
     try:
         import uvloop

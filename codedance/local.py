@@ -4,17 +4,25 @@ In: a `RolloutSpec`, a compiled policy, a scenario (how the canary misbehaves)
 and the router to use. Out: a `Summary` of what happened.
 
 What runs: the sample service as a stable (v1) and a canary (v2) process on
-loopback, a router in front of them (the builtin weighted proxy, or real
-nginx), a load generator at a steady rate, the traffic statistics the router
-records per track (as a mesh proxy does) or a real Prometheus, the pod status
-of the processes, and the engine itself with a real clock. `codedance demo`
-and `codedance run --local` both drive this.
+loopback, a router in front of them (the builtin weighted proxy, real nginx,
+or any router a package registers in `codedance.traffic`), a load generator
+at a steady rate, the traffic statistics the router records per track (as a
+mesh proxy does) or a real Prometheus, the pod status of the processes, and
+the engine itself with a real clock. `codedance demo` and `codedance run
+--local` both drive this.
+
+Routers are looked up by name in the registry and built with the `LocalSite`
+when they take a `site` argument (ours do), with no argument otherwise. A
+router that serves no traffic itself (a package's router for some other
+platform) is driven as in a real release, while the builtin proxy carries the
+demo's requests at the weight that router reads back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import tempfile
 import time
 from collections import Counter
@@ -30,6 +38,7 @@ from adapters.local.memory import MemoryStore
 from adapters.local.trafficstats import TrafficStats
 from adapters.local.workloads import PodStatusSource, ProcessWorkloads, ServiceConfig
 from dsl.compile import CompiledPolicy
+from engine import registry
 from engine.audit import JsonLinesAudit, MemoryAudit
 from engine.loop import Engine, LoopClock
 from engine.model import AuditEntry, Phase, RolloutSpec, RolloutStatus
@@ -63,6 +72,69 @@ SCENARIOS = {
         "crash", crash_after=0.0, bad_after=9.0, description="the canary process crashes at 9s"
     ),
 }
+
+
+@dataclass(frozen=True)
+class LocalSite:
+    """What a router on this machine is built from: where it works and the two tracks."""
+
+    workdir: Path
+    stable_url: str
+    canary_url: str
+    stats: TrafficStats
+
+
+def builtin_router(site: LocalSite) -> Any:
+    """The `builtin` router: the in-process weighted proxy on a free port."""
+    from adapters.local.proxy import BuiltinRouter
+
+    return BuiltinRouter("127.0.0.1", 0, site.stable_url, site.canary_url, site.stats)
+
+
+def nginx_router(site: LocalSite) -> Any:
+    """The `nginx` router: a real nginx under the site's work directory, on a free port."""
+    from adapters.local.nginx import NginxRouter
+
+    return NginxRouter(site.workdir / "nginx", 0, site.stable_url, site.canary_url, site.stats)
+
+
+def local_router(name: str, site: LocalSite) -> Any:
+    """The router registered as `name`, in front of the site's two tracks (not started yet)."""
+    factory = registry.load(registry.TRAFFIC, name)
+    kwargs: dict[str, Any] = {"site": site} if _takes(factory, "site") else {}
+    router = registry.create(registry.TRAFFIC, name, **kwargs)
+    if all(hasattr(router, a) for a in ("url", "start", "stop", "set_stable")):
+        return router
+    return ProxiedRouter(router, builtin_router(site))
+
+
+class ProxiedRouter:
+    """A router that serves no traffic, with the builtin proxy carrying it at its weight."""
+
+    def __init__(self, router: TrafficRouter, proxy: Any) -> None:
+        self.router = router
+        self.proxy = proxy
+
+    @property
+    def url(self) -> str:
+        return str(self.proxy.url)
+
+    async def start(self) -> None:
+        await self.proxy.start()
+
+    async def stop(self) -> None:
+        await self.proxy.stop()
+
+    async def set_stable(self, url: str) -> None:
+        await self.proxy.set_stable(url)
+
+    async def set_weight(self, rollout: RolloutRef, weight: int) -> None:
+        await self.router.set_weight(rollout, weight)
+        # traffic follows what the router reports, so a router that misreports shows
+        await self.proxy.set_weight(rollout, await self.router.get_weight(rollout))
+
+    async def get_weight(self, rollout: RolloutRef) -> int:
+        return await self.router.get_weight(rollout)
 
 
 class Policies:
@@ -148,6 +220,8 @@ class LocalPlatform:
         self.policy = policy
         self.scenario = scenario
         self.router_kind = router
+        # an unknown or broken router is a usage error before anything starts
+        self._router_factory = registry.load(registry.TRAFFIC, router)
         self.rate = rate
         self.prometheus = prometheus
         # kept after the run: the audit log and nginx's logs are there to read
@@ -225,18 +299,8 @@ class LocalPlatform:
             )
 
     async def _router(self, stack: contextlib.AsyncExitStack, workloads: ProcessWorkloads) -> Any:
-        if self.router_kind == "nginx":
-            from adapters.local.nginx import NginxRouter
-
-            router: Any = NginxRouter(
-                self.workdir / "nginx", 0, workloads.stable_url, workloads.canary_url, self.stats
-            )
-        else:
-            from adapters.local.proxy import BuiltinRouter
-
-            router = BuiltinRouter(
-                "127.0.0.1", 0, workloads.stable_url, workloads.canary_url, self.stats
-            )
+        site = LocalSite(self.workdir, workloads.stable_url, workloads.canary_url, self.stats)
+        router = local_router(self.router_kind, site)
         await router.start()
         stack.push_async_callback(router.stop)
         return router
@@ -319,6 +383,16 @@ class _Tee:
     async def record(self, entry: AuditEntry) -> None:
         for sink in self.sinks:
             await sink.record(entry)
+
+
+def _takes(factory: object, parameter: str) -> bool:
+    """Whether a router's class or factory has a parameter of that name."""
+    if not callable(factory):
+        return False
+    try:
+        return parameter in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # no signature to read
+        return False
 
 
 def _transition(e: AuditEntry) -> dict[str, Any]:

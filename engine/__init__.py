@@ -7,6 +7,10 @@ one stage a module:
 - `strategy`: the weights of the steps and when to move on;
 - `stream`: fetched metric samples to the snapshot at a tick;
 - `machine`: the rollout state machine, a status and an event to a decision;
+- `decider`: the pluggable step from a verdict to the next plan (the machine by default);
+- `registry`: routers, metric sources, strategies and deciders by name, from
+  Python entry points, so a new provider is an installed package;
+- `policystore`: a directory of policies, reloaded on change, last good kept;
 - `loop`: the control loop that ticks, decides and applies;
 - `rollback`: traffic moves that must finish, confirmed by read-back;
 - `audit`: every transition as a JSON line;

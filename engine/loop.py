@@ -5,7 +5,8 @@ a task sleeping per rollout. Ticks are aligned to multiples of each rollout's
 interval, so rollouts with the same interval come due together and their
 metrics are fetched in one call per source (the Prometheus source turns that
 into one query per metric). Each due rollout is then evaluated (the pure
-policy), its verdict turned into a `Decision` by the state machine, and the
+policy), its verdict turned into a `Decision` by the decider (the state
+machine, unless the composition root gives another), and the
 decision's effects carried out by a task of its own, under the rollout's
 lock, so a slow router never delays another rollout's tick.
 
@@ -30,6 +31,7 @@ from dsl.ast import Action
 from dsl.compile import CompiledPolicy
 from dsl.runtime import PolicyState, Verdict
 from engine import rollback
+from engine.decider import Decider, MachineDecider
 from engine.machine import (
     BringUp,
     Decision,
@@ -124,8 +126,13 @@ class Engine:
         clock: Clock,
         telemetry: Telemetry | None = None,
         metrics_window: float = 60.0,
+        decider: Decider | None = None,
     ) -> None:
         self.policies = policies
+        self.decider: Decider = decider or MachineDecider()
+        # the built-in decider changes nothing on a continue within a step; another is
+        # asked at every tick, since it may act on a verdict the state machine ignores
+        self._every_tick = type(self.decider) is not MachineDecider
         self._sources = metrics
         self.router = router
         self.workloads = workloads
@@ -348,7 +355,8 @@ class Engine:
             ro.verdict = verdict
             self.telemetry.verdict(verdict.action.value, verdict.rule)
             if (
-                status.phase is Phase.PROGRESSING
+                not self._every_tick
+                and status.phase is Phase.PROGRESSING
                 and verdict.action is Action.CONTINUE
                 and step_elapsed < ro.machine.strategy.step_duration
             ):
@@ -361,7 +369,7 @@ class Engine:
             record = status.last_verdict or VerdictRecord(
                 at=now, action="continue", rule=None, health=100.0, explanation=""
             )
-        decision = ro.machine.on_verdict(status, record, now)
+        decision = self.decider.decide(status, record, now, ro.machine)
         ro.status = decision.status
         if decision.transitions or decision.effects:
             self._spawn(ro, self._apply(ro, decision))

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import itertools
 from enum import StrEnum
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dsl.ast import Dim
 from dsl.units import UnitError, parse_quantity
+from engine import registry
 
 
 class Phase(StrEnum):
@@ -55,14 +55,24 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-StrategyType = Literal["linear", "exponential", "manual", "steps"]
-
-
 class StrategySpec(_Model):
-    type: StrategyType = "linear"
+    type: str = Field(
+        default="linear",
+        description="a registered strategy: linear, exponential, manual, steps, or a package's",
+    )
     steps: tuple[int, ...] | None = None
     step_duration: float = Field(default=60.0, description="seconds each step is analysed")
     max_weight: int | None = Field(default=None, ge=1, le=100)
+
+    @field_validator("type")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        # strategies come from entry points, so a package can add one
+        try:
+            registry.check_name(registry.STRATEGIES, v)
+        except registry.ProviderError as e:
+            raise ValueError(e.message) from None
+        return v
 
     @field_validator("step_duration", mode="before")
     @classmethod

@@ -9,6 +9,7 @@ release on a cluster, on one machine, and on fake time in a test.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -45,6 +46,25 @@ class MetricRequest:
 
 
 MetricValues = Mapping[MetricRequest, float | None]
+
+
+def range_times(start: float, end: float, step: float) -> list[float]:
+    """The times start, start + step, ... up to end (within a hair), as a range query has them.
+
+    When start is a whole number of steps, each time is computed as k * step
+    (never a running sum), the same floats the engine's tick times are.
+    """
+    if not step > 0 or not math.isfinite(step):
+        raise ValueError(f"the step of a range must be a positive number, not {step}")
+    start, end, step = float(start), float(end), float(step)
+    if end < start:
+        return []
+    count = math.floor((end - start) / step + 1e-9) + 1
+    first = start / step
+    if abs(first - round(first)) <= 1e-9 * max(1.0, abs(first)):
+        k0 = round(first)
+        return [(k0 + i) * step for i in range(count)]
+    return [start + i * step for i in range(count)]
 
 
 @runtime_checkable

@@ -83,7 +83,7 @@ class Strategy(_Spec):
 class Traffic(_Spec):
     """How traffic is split, and the objects of the provider that split it."""
 
-    provider: Literal["istio", "nginx", "gateway-api", "local"] = "local"
+    provider: Literal["istio", "nginx-ingress", "gateway-api", "local"] = "local"
     service: str | None = Field(default=None, description="the stable Service")
     canary_service: str | None = Field(default=None, description="the canary Service")
     virtual_service: str | None = Field(default=None, description="Istio VirtualService")

@@ -34,8 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from adapters.metrics import range_times
-from engine.ports import MetricRequest, MetricValues
+from engine.ports import MetricRequest, MetricValues, range_times
 
 TRACKS = ("canary", "stable")
 

@@ -73,7 +73,6 @@ from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
-from adapters.metrics import range_times
 from adapters.metrics.catalog import CatalogEntry, default_pod_regex
 from dsl.ast import Dim
 from dsl.promql import (
@@ -88,7 +87,7 @@ from dsl.promql import (
     prometheus_duration,
     quote_meta,
 )
-from engine.ports import MetricRequest, MetricValues, Target
+from engine.ports import MetricRequest, MetricValues, Target, range_times
 
 log = logging.getLogger("codedance.adapters.prometheus")
 

@@ -32,12 +32,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from adapters.metrics import range_times
 from dsl.builtins import CONTEXT, DEFAULT_TRACK, TRACKS
 from dsl.series import SeriesError, parse_series, value_at
 from dsl.units import closest
 from engine.policytest import InputSeries, PositiveDuration
-from engine.ports import MetricRequest, MetricValues
+from engine.ports import MetricRequest, MetricValues, range_times
 
 Samples = list[float | None]
 SeriesValues = str | Sequence[float | None]
