@@ -106,6 +106,14 @@ class TrafficRouter(Protocol):
 
 
 @runtime_checkable
+class RouteCleanup(Protocol):
+    """A router that keeps an object of its own per rollout (a canary Ingress, a
+    backendRef) and removes it once the rollout has ended."""
+
+    async def remove(self, rollout: RolloutRef) -> None: ...
+
+
+@runtime_checkable
 class WorkloadManager(Protocol):
     """Brings up the canary, makes it the new stable, and removes it."""
 

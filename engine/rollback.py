@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from engine.ports import Clock, RolloutRef, TrafficRouter, WorkloadManager
+from engine.ports import Clock, RolloutRef, RouteCleanup, TrafficRouter, WorkloadManager
 
 log = logging.getLogger("codedance.engine")
 
@@ -70,11 +70,24 @@ async def roll_back(
     router: TrafficRouter, workloads: WorkloadManager, rollout: RolloutRef, clock: Clock
 ) -> None:
     await set_weight_confirmed(router, rollout, 0, clock)
+    await _retire(router, workloads, rollout, clock)
+
+
+async def _retire(
+    router: TrafficRouter, workloads: WorkloadManager, rollout: RolloutRef, clock: Clock
+) -> None:
+    """The canary goes, then whatever the router kept for it (a canary Ingress)."""
     await retry(
         f"retiring the canary of {rollout.namespace}/{rollout.name}",
         lambda: workloads.retire(rollout),
         clock,
     )
+    if isinstance(router, RouteCleanup):
+        await retry(
+            f"removing the canary route of {rollout.namespace}/{rollout.name}",
+            lambda: router.remove(rollout),
+            clock,
+        )
 
 
 async def promote(
@@ -85,8 +98,4 @@ async def promote(
         f"promoting {rollout.namespace}/{rollout.name}", lambda: workloads.promote(rollout), clock
     )
     await set_weight_confirmed(router, rollout, 0, clock)
-    await retry(
-        f"retiring the canary of {rollout.namespace}/{rollout.name}",
-        lambda: workloads.retire(rollout),
-        clock,
-    )
+    await _retire(router, workloads, rollout, clock)

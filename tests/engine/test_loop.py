@@ -20,7 +20,7 @@ from dsl.compile import CompiledPolicy
 from engine.audit import MemoryAudit
 from engine.loop import Engine, LoopClock
 from engine.model import Phase, RolloutSpec
-from engine.ports import MetricRequest
+from engine.ports import MetricRequest, RolloutRef
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
 
@@ -261,3 +261,27 @@ async def test_a_restarted_engine_resumes_without_repeating_a_step() -> None:
     assert status.phase is Phase.SUCCEEDED
     resumed = [w for _, w in rig.router.writes[writes_before:]]
     assert resumed == [25, 50, 75, 100, 100, 0]  # step 1 (weight 10) was not written again
+
+
+class CleaningRouter(MemoryRouter):
+    """A router that keeps an object per rollout, like the canary Ingress of ingress-nginx."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.removed: list[tuple[str, int]] = []
+
+    async def remove(self, rollout: RolloutRef) -> None:
+        self.removed.append((rollout.name, self.weights.get(self._key(rollout), 0)))
+
+
+@pytest.mark.parametrize("bad", [False, True])
+async def test_the_routers_own_object_is_removed_after_the_canary_retires(bad: bool) -> None:
+    source = FunctionSource(lambda t, r: 0.5 if bad and t >= 30 else 0.1)
+    rig = Rig(source)
+    rig.router = CleaningRouter()
+    rig.engine.router = rig.router
+    async with rig:
+        await rig.engine.add(spec(strategy={"type": "linear", "step_duration": "10s"}))
+        status = await rig.engine.wait_finished("default/web")
+    assert status.phase is (Phase.ROLLED_BACK if bad else Phase.SUCCEEDED)
+    assert rig.router.removed == [("web", 0)]  # once, with traffic already off the canary
