@@ -192,10 +192,13 @@ class Engine:
         return ro.status
 
     async def command(self, key: str, verb: str, actor: str, reason: str = "") -> RolloutStatus:
-        """approve, pause, resume, abort or retry, on behalf of `actor`."""
+        """approve, pause, resume, abort, retry or repin, on behalf of `actor`."""
         ro = self._rollouts.get(key)
         if ro is None:
             raise KeyError(f"no rollout {key}")
+        if verb == "repin":
+            await self._repin(ro, actor)
+            return ro.status
         async with ro.lock:
             now = self.clock.now()
             m, status = ro.machine, ro.status
@@ -346,6 +349,7 @@ class Engine:
             snap: dict[str, float | None] = {k: values.get(req) for k, req in ro.requests}
             if ro.stream is not None:
                 ro.stream.record(now, snap)
+                snap = ro.stream.snapshot(now)
             snap["weight"] = float(status.weight)
             snap["step"] = float(status.step)
             snap["elapsed"] = now - _or(status.started_at, now)
@@ -517,6 +521,40 @@ class Engine:
             spec.interval,
         )
         ro.stream = MetricStream([k for k, _ in ro.requests], horizon)
+
+    async def _repin(self, ro: _Rollout, actor: str) -> None:
+        """Move a running rollout to the policy's current version (it keeps its pinned one
+        otherwise); the windows are rebuilt from the metric source, as after a restart."""
+        if ro.status.phase not in TICKED:
+            raise IllegalTransition(f"only a running rollout can be re-pinned ({ro.status.phase})")
+        policy = self.policies.get(ro.spec.policy)
+        if policy is None:
+            raise IllegalTransition(f"no policy named {ro.spec.policy!r} to re-pin to")
+        async with ro.lock:
+            old = ro.status.policy_hash
+            pending = dict(ro.status.pending_since)
+            self._use_policy(ro, policy)
+            # rules of the new version start their `for` afresh unless they kept their name
+            kept = {r.label for r in policy.rules}
+            ro.status = ro.status.model_copy(
+                update={
+                    "policy_hash": policy.source_hash,
+                    "pending_since": {k: v for k, v in pending.items() if k in kept},
+                }
+            )
+            await self._backfill(ro)
+            await self.store.save(ro.spec.key, ro.status)
+            ro.saved = ro.status
+            phase = ro.status.phase
+            await self.audit.record(
+                AuditEntry(
+                    time=self.clock.now(), rollout=ro.spec.key, actor=actor,
+                    from_phase=phase, to_phase=phase, action="repin",
+                    explanation=f"policy {ro.spec.policy!r} re-pinned from version "
+                    f"{old[:12] or 'none'} to {policy.source_hash[:12]}",
+                    weight=ro.status.weight,
+                )
+            )
 
     async def _resume(self, ro: _Rollout) -> None:
         """Pick a rollout up from its status: same policy, windows backfilled, same step."""
