@@ -19,7 +19,8 @@ and each verdict that differs from the one before, at times from the start
 and, for Prometheus, absolute), a text chart of the deciding metric against
 its threshold; or, with `--json`, the changing verdicts as data; and with
 `--output`, a policy test file that pins today's verdicts, which `codedance
-test` passes as written.
+test` passes as written. This module reads the sources and replays them;
+`backtest_report` turns the `Result` into that text.
 
 Exit 0 when the backtest ran, whatever it decided; 2 for bad input (a policy
 with errors, an unreadable recording, an unreachable Prometheus, a range
@@ -32,24 +33,24 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, cast
 
 import dsl
+from codedance.backtest_report import Side, chart_side, pinning_test, render, rfc3339
 from codedance.policy_files import FileProblem, UsageError, load_yaml, read_text
 from dsl import ast
 from dsl.ast import Action, Dim
 from dsl.compile import CompiledPolicy
-from dsl.explain import text_of, value_of
+from dsl.explain import value_of
 from dsl.runtime import PolicyState, Snapshot, Value, Verdict
-from dsl.units import UnitError, format_duration, format_value, parse_quantity
+from dsl.units import UnitError, format_duration, parse_quantity
 from engine.timeline import iter_replay
 
 # Prometheus answers at most 11,000 points per series in a range query.
@@ -60,9 +61,6 @@ TIME_FORMATS = (
     "write RFC 3339 (2024-05-01T12:00:00Z), epoch seconds (1714564800) "
     "or a time relative to now (-30m, now-2h, now)"
 )
-CHART_WIDTH = 60
-CHART_HEIGHT = 10
-_MARKS = {Action.CONTINUE: ".", Action.PROMOTE: "+", Action.PAUSE: "P", Action.ROLLBACK: "R"}
 
 
 def add_command(commands: Any) -> None:
@@ -194,7 +192,7 @@ def _from_prometheus(args: argparse.Namespace, policy: CompiledPolicy) -> Histor
     step = _duration("--step", args.step) if args.step is not None else 30.0
     window = _duration("--window", args.window)
     if start >= end:
-        raise UsageError(f"--from ({_when(start)}) must be before --to ({_when(end)})")
+        raise UsageError(f"--from ({rfc3339(start)}) must be before --to ({rfc3339(end)})")
     points = math.floor((end - start) / step + 1e-9) + 1
     if points > MAX_POINTS:
         raise UsageError(f"{format_duration(end - start)} every {format_duration(step)} is "
@@ -222,7 +220,7 @@ def _from_prometheus(args: argparse.Namespace, policy: CompiledPolicy) -> Histor
     finally:
         prom.close()
     series = {key: [v for _, v in got[req]] for key, req in requests.items()}
-    span = f"from {_when(start)} to {_when(end)}"
+    span = f"from {rfc3339(start)} to {rfc3339(end)}"
     empty = [key for key, values in series.items() if all(v is None for v in values)]
     if series and len(empty) == len(series):
         why = f" ({failures[0]})" if failures else ""
@@ -280,16 +278,20 @@ def _duration(option: str, text: str) -> float:
     try:
         seconds = float(text)
     except ValueError:
-        try:
-            seconds, dim, _ = parse_quantity(text.strip())
-        except UnitError:
-            dim = Dim.NUMBER
-            seconds = math.nan
-        if dim is not Dim.DURATION:
-            seconds = math.nan
+        literal = _literal_seconds(text.strip())
+        seconds = math.nan if literal is None else literal
     if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and option != "--to"):
         raise UsageError(f"{option} `{text}` is not a duration; write one such as 30s or 1m30s")
     return seconds
+
+
+def _literal_seconds(text: str) -> float | None:
+    """The seconds of a duration literal of the language (`30s`, `1m30s`); None for another."""
+    try:
+        seconds, dim, _ = parse_quantity(text)
+    except UnitError:
+        return None
+    return seconds if dim is Dim.DURATION else None
 
 
 def parse_time(option: str, text: str, now: float) -> float:
@@ -299,11 +301,8 @@ def parse_time(option: str, text: str, now: float) -> float:
         return now
     relative = re.fullmatch(r"(?:now)?\s*-\s*(\S+)", word)
     if relative is not None:
-        try:
-            seconds, dim, _ = parse_quantity(relative.group(1))
-        except UnitError:
-            dim = Dim.NUMBER
-        if dim is Dim.DURATION:
+        seconds = _literal_seconds(relative.group(1))
+        if seconds is not None:
             return now - seconds
         raise UsageError(f"{option} `{text}` is not a time; {TIME_FORMATS}")
     try:
@@ -327,24 +326,7 @@ def parse_time(option: str, text: str, now: float) -> float:
     return parsed.timestamp()
 
 
-def _when(epoch: float) -> str:
-    """An epoch time as RFC 3339 in UTC: `2024-05-01T12:00:00Z`."""
-    moment = datetime.fromtimestamp(epoch, tz=UTC)
-    spec = "seconds" if moment.microsecond == 0 else "milliseconds"
-    return moment.isoformat(timespec=spec).replace("+00:00", "Z")
-
-
 # ---------------------------------------------------------------- the replay
-
-
-@dataclass(frozen=True, slots=True)
-class Side:
-    """What a rule's chart draws: an expression, and the literal or expression it meets."""
-
-    node: ast.Expr
-    op: str | None = None  # how `node` compares with its bound when the rule fires
-    threshold: ast.Number | None = None
-    against: ast.Expr | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,300 +415,13 @@ def replay(policy: CompiledPolicy, history: History) -> Result:
     return Result(verdicts, tuple(lines))
 
 
-def chart_side(condition: ast.Expr) -> Side | None:
-    """What to chart for a rule.
-
-    The first comparison of a metric with a literal, the literal being the
-    threshold. A comparison of `request_rate` is taken only when there is no
-    other: in a rule such as `error_rate > 1% and request_rate >= 1` it is a
-    traffic guard, not what the rule watches. Else the first comparison of
-    two expressions that read metrics (`canary.p99 > stable.p99 * 1.5`), the
-    right one a moving threshold; else the first metric the rule reads.
-    """
-    literal: list[Side] = []
-    moving: list[Side] = []
-    for node in _walk(condition):
-        if not (isinstance(node, ast.Binary) and node.op in ast.COMPARISON):
-            continue
-        left, right = node.left, node.right
-        if isinstance(right, ast.Number) and _reads_metric(left):
-            literal.append(Side(left, node.op, threshold=right))
-        elif isinstance(left, ast.Number) and _reads_metric(right):
-            literal.append(Side(right, _MIRROR[node.op], threshold=left))
-        elif _reads_metric(left) and _reads_metric(right):
-            moving.append(Side(left, node.op, against=right))
-    watched = [s for s in literal if not _is_guard(s.node)]
-    for candidates in (watched, moving, literal):
-        if candidates:
-            return candidates[0]
-    for node in _walk(condition):
-        if isinstance(node, ast.Ref) and _reads_metric(node):
-            return Side(node)
-    return None
-
-
-_MIRROR = {">": "<", ">=": "<=", "<": ">", "<=": ">=", "==": "==", "!=": "!="}
-
-
-def _walk(node: ast.Expr | ast.LastN) -> Iterator[ast.Expr]:
-    """Every sub-expression, depth first, left to right."""
-    if not isinstance(node, ast.LastN):
-        yield node
-    for child in ast.children(node):
-        yield from _walk(child)
-
-
-def _reads_metric(node: ast.Expr) -> bool:
-    from dsl.builtins import CONTEXT
-
-    return any(
-        isinstance(n, ast.Ref) and not (n.track is None and n.name in CONTEXT) for n in _walk(node)
-    )
-
-
-def _is_guard(node: ast.Expr) -> bool:
-    return isinstance(node, ast.Ref) and node.name == "request_rate"
-
-
-# ---------------------------------------------------------------- the text
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    at: float
-    text: str
-
-
-def rule_events(verdicts: Sequence[Verdict]) -> list[Event]:
-    """Each rule going pending, firing, and back to inactive, in the order they happened."""
-    events: list[Event] = []
-    before: dict[str, str] = {}
-    for v in verdicts:
-        for r in v.rules:
-            was = before.get(r.rule, "inactive")
-            if r.state != was:
-                cond = {True: "true", False: "false", None: "unknown"}[r.condition]
-                if r.state == "pending":
-                    text = f"{r.rule} pending (-> {r.action.value})"
-                elif r.state == "firing":
-                    held = v.at - r.pending_since if r.pending_since is not None else 0.0
-                    after = f" after {format_duration(held)}" if held else ""
-                    text = f"{r.rule} fired{after} (-> {r.action.value})"
-                elif was == "firing":
-                    text = f"{r.rule} cleared (condition {cond})"
-                else:
-                    text = f"{r.rule} reset before firing (condition {cond})"
-                events.append(Event(v.at, text))
-            before[r.rule] = r.state
-    return events
-
-
-def render(policy: CompiledPolicy, history: History, result: Result, path: str) -> str:
-    """The timeline and the chart, as plain text."""
-    n = len(result.verdicts)
-    head = [
-        f"backtest of {path} on {history.described}",
-        f"{n} evaluation{'s' if n != 1 else ''} every {format_duration(history.step)}, "
-        f"from +0s to +{format_duration(history.until)}"
-        + (f" ({_when(history.start)} to {_when(history.start + history.until)})"
-           if history.start is not None else ""),
-        "",
-        "timeline:",
-    ]
-    rows: list[tuple[float, int, str]] = []
-    for e in rule_events(result.verdicts):
-        rows.append((e.at, 0, e.text))
-    for v in result.changes():
-        rows.append((v.at, 1, f"verdict {v.explanation}"))
-    rows.sort(key=lambda row: (row[0], row[1]))
-    width = max((len(_relative(at)) for at, _, _ in rows), default=3)
-    for at, _, text in rows:
-        when = _relative(at).ljust(width)
-        if history.start is not None:
-            when += f"  {_when(history.start + at)}"
-        head.append(f"  {when}  {text}")
-    first = result.first_non_continue()
-    head.append("")
-    if first is None:
-        head.append("every verdict was continue")
-    else:
-        head.append(f"first non-continue verdict at {_relative(first.at)}: {first.explanation}")
-    line = deciding_line(result)
-    if line is not None:
-        head += ["", *chart(policy, line, result.verdicts)]
-    return "\n".join(head)
-
-
-def _relative(at: float) -> str:
-    return f"+{format_duration(at)}"
-
-
-def deciding_line(result: Result) -> ChartLine | None:
-    """The chart of the first rule that fires, else of the first rule that has one."""
-    fired = next((v.rule for v in result.verdicts if v.rule is not None), None)
-    for line in result.lines:
-        if line.rule == fired:
-            return line
-    return result.lines[0] if result.lines else None
-
-
-def chart(policy: CompiledPolicy, line: ChartLine, verdicts: Sequence[Verdict]) -> list[str]:
-    """A text chart: the expression's values (`*`), its threshold (`-`), the verdicts below."""
-    side = line.side
-    dim = policy.checked.types.get(side.node, Dim.NUMBER)
-    n = len(verdicts)
-    width = min(n, CHART_WIDTH)
-    columns = [range(c * n // width, (c + 1) * n // width) for c in range(width)]
-    # In a column of several ticks show the one nearest to firing (the highest
-    # for `>`, the lowest for `<`), so a short breach stays visible.
-    lowest = side.op in ("<", "<=")
-    points = [_column(line.values, ticks, lowest) for ticks in columns]
-    if side.threshold is not None:
-        bounds: list[float | None] = [side.threshold.value] * width
-    else:
-        bounds = [_column(line.bound, ticks, not lowest) for ticks in columns]
-    numbers = [p for p in points if p is not None]
-    extent = numbers + [b for b in bounds if b is not None]
-    title = f"chart: {text_of(side.node)} (rule {line.rule})"
-    bound_text = (side.threshold.text if side.threshold is not None
-                  else text_of(side.against) if side.against is not None else None)
-    if bound_text is not None:
-        title = (f"chart: {text_of(side.node)} against {bound_text} "
-                 f"(rule {line.rule}: fires while {side.op} {bound_text})")
-    if not numbers:
-        return [title, "  (no known values in the range)"]
-    lo, hi = min(0.0, *extent), max(extent)
-    if hi <= lo:
-        hi = lo + 1.0
-
-    def row_of(value: float) -> int:
-        return CHART_HEIGHT - 1 - round((value - lo) / (hi - lo) * (CHART_HEIGHT - 1))
-
-    grid = [[" "] * width for _ in range(CHART_HEIGHT)]
-    for c, (p, b) in enumerate(zip(points, bounds, strict=True)):
-        if b is not None:
-            grid[row_of(b)][c] = "-"
-        if p is not None:
-            grid[row_of(p)][c] = "*"
-    labels = {0: format_value(hi, dim), CHART_HEIGHT - 1: format_value(lo, dim)}
-    if side.threshold is not None:
-        labels[row_of(side.threshold.value)] = format_value(side.threshold.value, dim)
-    pad = max(len("verdict"), *(len(text) for text in labels.values()))
-    out = [title]
-    for r, cells in enumerate(grid):
-        out.append(f"  {labels.get(r, '').rjust(pad)} |{''.join(cells)}".rstrip())
-    out.append(f"  {' ' * pad} +{'-' * width}")
-    start, end = "+0s", _relative(verdicts[-1].at)
-    out.append(f"  {' ' * pad}  {start}{end.rjust(max(1, width - len(start)))}")
-    marks = ""
-    for ticks in columns:
-        strongest = min((verdicts[i].action for i in ticks), key=lambda a: a.priority)
-        marks += _MARKS[strongest]
-    out.append(f"  {'verdict'.rjust(pad)}  {marks}")
-    legend = f"* {text_of(side.node)}"
-    if bound_text is not None:
-        legend += f"   - {bound_text}"
-    out.append(f"  {' ' * pad}  {legend}")
-    out.append(f"  {' ' * pad}  verdicts: . continue  + promote  P pause  R rollback  "
-               "(blank: unknown)")
-    return out
-
-
-def _column(values: Sequence[Value], ticks: range, lowest: bool) -> float | None:
-    known = [v for v in (values[i] for i in ticks) if not isinstance(v, bool) and v is not None]
-    if not known:
-        return None
-    return min(known) if lowest else max(known)
-
-
-# ---------------------------------------------------------------- --output
-
-
 def _write_test(
     output: str, policy_path: str, policy: CompiledPolicy, history: History, result: Result
 ) -> None:
     """A policy test of the history whose expectations are the verdicts the backtest gave."""
-    base = os.path.dirname(os.path.abspath(output))
-    rule_file = os.path.relpath(os.path.abspath(policy_path), base)
-    verdicts = result.verdicts
-    changes = result.changes()
-    # Pin each change, the tick before it (so it cannot come earlier), and the last tick.
-    expected: dict[int, str] = {}
-    for v in changes:
-        i = _index(history, v.at)
-        expected[i] = "changes"
-        if i > 0:
-            expected.setdefault(i - 1, "the last tick before the change")
-    expected.setdefault(len(verdicts) - 1, "the last tick")
-    lines = [f"# Written by `codedance backtest` on {_when(round(time.time()))},"]
-    lines.append(f"# from {history.described}.")
-    if history.start is not None:
-        end = history.start + history.until
-        lines.append(f"# ({_when(history.start)} to {_when(end)}; t = 0 is the first time).")
-    lines += [
-        f"# The expectations are the verdicts {policy_path} gave on these series. Rename",
-        "# the test, and trim the series and expectations to the regression to keep.",
-        f"rule_files: [{json.dumps(rule_file)}]",
-        f"evaluation_interval: {_duration_text(history.step)}",
-        "tests:",
-        f"  - name: {json.dumps('backtest of ' + history.described)}",
-        f"    interval: {_duration_text(history.interval)}",
-    ]
-    context = {k: v for k, v in history.context.items() if k in policy.context_keys}
-    if context:
-        pairs = ", ".join(f"{k}: {_sample_text(v)}" for k, v in sorted(context.items()))
-        lines.append(f"    context: {{{pairs}}}")
-    lines.append("    input_series:")
-    for key, samples in sorted(history.series.items()):
-        lines.append(f"      - {{series: {key}, values: {json.dumps(series_text(samples))}}}")
-    if not history.series:
-        lines[-1] = "    input_series: []"
-    lines.append("    expect:")
-    for i in sorted(expected):
-        v = verdicts[i]
-        entry = f"at: {_duration_text(v.at)}, action: {v.action.value}"
-        if v.rule is not None:
-            entry += f", rule: {json.dumps(v.rule)}"
-        lines.append(f"      - {{{entry}}}   # {v.explanation}")
+    text = pinning_test(output, policy_path, policy, history, result)
     try:
         with open(output, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
+            f.write(text)
     except OSError as e:
         raise UsageError(f"{output}: cannot write: {e.strerror or e}") from None
-
-
-def _index(history: History, at: float) -> int:
-    return round(at / history.step)
-
-
-def series_text(samples: Sequence[float | None]) -> str:
-    """Samples in promtool's notation, runs of one value written once: `0.1x3 _ 0.5`."""
-    words: list[str] = []
-    i = 0
-    while i < len(samples):
-        j = i
-        while j + 1 < len(samples) and samples[j + 1] == samples[i]:
-            j += 1
-        word = "_" if samples[i] is None else _sample_text(cast(float, samples[i]))
-        words.append(word if j == i else f"{word}x{j - i}")
-        i = j + 1
-    return " ".join(words)
-
-
-def _sample_text(value: float) -> str:
-    """The exact float as text: `20`, `0.1`, `1e-05` (repr round-trips)."""
-    if value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
-
-
-def _duration_text(seconds: float) -> str:
-    """A duration the test file reads back as the same tick: `2m30s`, or exact seconds."""
-    text = format_duration(seconds)
-    try:
-        back, _, _ = parse_quantity(text)
-    except UnitError:
-        back = math.nan
-    if abs(back - seconds) <= 1e-9 * max(1.0, seconds):
-        return text
-    return f"{_sample_text(seconds)}s"

@@ -44,7 +44,8 @@ from prompt_toolkit.lexers import Lexer
 from prompt_toolkit.styles import Style
 
 from codedance.policy_files import UsageError
-from codedance.repl_session import COMMANDS, CONTINUATION, PROMPT, Session
+from codedance.repl_commands import COMMANDS
+from codedance.repl_session import CONTINUATION, PROMPT, Session
 from dsl.builtins import ACTIONS, CONTEXT, FUNCTIONS, METRICS, TRACKS, UNIT_NAMES
 from dsl.parser import _lark
 
