@@ -42,9 +42,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
-import dsl
 from codedance.backtest_report import Side, chart_side, pinning_test, render, rfc3339
-from codedance.policy_files import FileProblem, UsageError, load_yaml, read_text
+from codedance.policy_files import FileProblem, UsageError, load_policy, load_yaml
 from dsl import ast
 from dsl.ast import Action, Dim
 from dsl.compile import CompiledPolicy
@@ -134,15 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load_policy(path: str) -> CompiledPolicy:
-    try:
-        source = read_text(path)
-    except FileProblem as e:
-        raise UsageError(str(e)) from None
-    try:
-        return dsl.load(source, path)
-    except dsl.PolicyError as e:
-        print(e.render(), file=sys.stderr)
-        raise UsageError(f"{path} has errors") from None
+    return load_policy(path)
 
 
 def _from_recording(args: argparse.Namespace, policy: CompiledPolicy) -> History:

@@ -23,8 +23,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-import dsl
-from codedance.policy_files import UsageError, read_text
+from codedance.policy_files import UsageError, load_policy, read_text
 from dsl.compile import CompiledPolicy
 from engine import registry
 from engine.model import Phase, RolloutSpec, StrategySpec
@@ -110,15 +109,11 @@ def run_manifest(args: argparse.Namespace) -> int:
 
 
 def _load_policy(path: Path) -> CompiledPolicy:
-    return _compile(read_text(str(path)), str(path))
+    return load_policy(str(path))
 
 
 def _compile(text: str, path: str) -> CompiledPolicy:
-    try:
-        return dsl.load(text, path)
-    except dsl.PolicyError as e:
-        print(e.render(), file=sys.stderr)
-        raise UsageError(f"{path} has errors") from None
+    return load_policy(path, source=text)
 
 
 def _run(spec: RolloutSpec, policy: CompiledPolicy, args: argparse.Namespace) -> int:

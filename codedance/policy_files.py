@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import sys
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import yaml
 from yaml.nodes import MappingNode, Node, SequenceNode
+
+import dsl
+from dsl.compile import CompiledPolicy
 
 
 class UsageError(Exception):
@@ -97,6 +101,21 @@ def read_text(path: str, keep_newlines: bool = False) -> str:
         ) from None
     except OSError as e:
         raise FileProblem(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def load_policy(path: str, source: str | None = None) -> CompiledPolicy:
+    """A compiled policy from a file (or its given text); diagnostics go to stderr and a
+    bad file is a `UsageError`, so a command stops with one line and exit 2."""
+    if source is None:
+        try:
+            source = read_text(path)
+        except FileProblem as e:
+            raise UsageError(str(e)) from None
+    try:
+        return dsl.load(source, path)
+    except dsl.PolicyError as e:
+        print(e.render(), file=sys.stderr)
+        raise UsageError(f"{path} has errors") from None
 
 
 def write_atomically(path: str, text: str) -> None:
