@@ -62,6 +62,8 @@ from engine.stream import MetricStream
 log = logging.getLogger("codedance.engine")
 
 TICKED = (Phase.PROGRESSING, Phase.PAUSED, Phase.WAITING_FOR_APPROVAL)
+SLOT = 1000  # rollouts of one interval that share a tick
+SLOTS = 10  # ticks per interval that rollouts are spread over
 
 
 class LoopClock:
@@ -109,6 +111,10 @@ class _Rollout:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     verdict: Verdict | None = None
     pending: tuple[float | None, ...] = ()
+    offset: float = 0.0  # where in its interval the rollout ticks (see Engine._offset)
+    step_duration: float = 0.0
+    # the rollout's requests grouped by the source that serves them, built once
+    by_source: list[tuple[MetricSource, list[MetricRequest]]] = field(default_factory=list)
 
 
 class Engine:
@@ -140,9 +146,11 @@ class Engine:
         self.audit = audit
         self.clock = clock
         self.telemetry = telemetry or NoTelemetry()
+        self._count_verdicts = not isinstance(self.telemetry, NoTelemetry)
         self.metrics_window = metrics_window
         self._rollouts: dict[str, _Rollout] = {}
         self._heap: list[tuple[float, int, str]] = []
+        self._per_interval: dict[float, int] = {}
         self._seq = 0
         self._wake = asyncio.Event()
         self._stopping = False
@@ -177,7 +185,9 @@ class Engine:
                 spec.namespace, spec.name, spec.stable, spec.canary_name, spec.service, spec.route
             ),
             saved=status,
+            offset=self._offset(spec.interval),
         )
+        ro.step_duration = ro.machine.strategy.step_duration
         self._rollouts[key] = ro
         if status.phase is Phase.PENDING:
             self._spawn(ro, self._start(ro))
@@ -273,13 +283,26 @@ class Engine:
 
     # --- ticking ----------------------------------------------------------------
 
-    def _schedule(self, ro: _Rollout) -> None:
+    def _offset(self, interval: float) -> float:
+        """Where in each interval a new rollout ticks.
+
+        Rollouts with one interval tick together so their queries are shared, but
+        at most SLOT of them: the next SLOT tick a tenth of the interval later, and
+        so on. A tick's batch is then bounded, and so is the lag of its last rollout
+        (10,000 rollouts due at one instant would wait for each other's evaluation).
+        """
+        n = self._per_interval.get(interval, 0)
+        self._per_interval[interval] = n + 1
+        return (n // SLOT % SLOTS) * interval / SLOTS
+
+    def _schedule(self, ro: _Rollout, now: float | None = None) -> None:
         if ro.status.phase not in TICKED:
             ro.due = None
             return
         interval = ro.spec.interval
-        now = self.clock.now()
-        due = (math.floor(now / interval + 1e-9) + 1) * interval
+        now = self.clock.now() if now is None else now
+        off = ro.offset
+        due = (math.floor((now - off) / interval + 1e-9) + 1) * interval + off
         if ro.due is not None and due <= ro.due:
             return
         ro.due = due
@@ -298,8 +321,9 @@ class Engine:
             except Exception as e:  # one broken rollout never stops the others
                 log.exception("rollout %s: evaluation failed", ro.spec.key)
                 ro.status = ro.status.model_copy(update={"message": f"evaluation failed: {e}"})
+        after = self.clock.now()
         for ro in batch:
-            self._schedule(ro)
+            self._schedule(ro, after)
         self._report_phases()
 
     def _report_phases(self) -> None:
@@ -312,9 +336,8 @@ class Engine:
         for ro in ready:
             if ro.spec.skip_analysis:
                 continue
-            for _, req in ro.requests:
-                src = self._source_for(req.metric)
-                by_source.setdefault(id(src), (src, []))[1].append(req)
+            for src, reqs in ro.by_source:
+                by_source.setdefault(id(src), (src, []))[1].extend(reqs)
         results: dict[MetricRequest, float | None] = {}
 
         async def one(src: MetricSource, reqs: list[MetricRequest]) -> None:
@@ -348,21 +371,22 @@ class Engine:
         else:
             snap: dict[str, float | None] = {k: values.get(req) for k, req in ro.requests}
             if ro.stream is not None:
-                ro.stream.record(now, snap)
-                snap = ro.stream.snapshot(now)
+                ro.stream.record(now, snap)  # the stream keeps this tick's snapshot
+            started, step_started = status.started_at, status.step_started_at
+            step_elapsed = 0.0 if step_started is None else now - step_started
             snap["weight"] = float(status.weight)
             snap["step"] = float(status.step)
-            snap["elapsed"] = now - _or(status.started_at, now)
-            step_elapsed = now - _or(status.step_started_at, now)
+            snap["elapsed"] = 0.0 if started is None else now - started
             snap["step_elapsed"] = step_elapsed
             verdict = ro.policy.evaluate(now, snap, ro.state)
             ro.verdict = verdict
-            self.telemetry.verdict(verdict.action.value, verdict.rule)
+            if self._count_verdicts:
+                self.telemetry.verdict(verdict.action.value, verdict.rule)
             if (
                 not self._every_tick
                 and status.phase is Phase.PROGRESSING
                 and verdict.action is Action.CONTINUE
-                and step_elapsed < ro.machine.strategy.step_duration
+                and step_elapsed < ro.step_duration
             ):
                 # the common tick: nothing to decide; persist only a change of pending rules
                 if verdict.pending_since != ro.pending:
@@ -515,6 +539,11 @@ class Engine:
                 target = Target(spec.namespace, spec.canary_name, track, spec.canary_service_name)
             window = max(self.metrics_window, spec.interval)
             ro.requests.append((key, MetricRequest(target, metric, window, defined.get(metric))))
+        grouped: dict[int, tuple[MetricSource, list[MetricRequest]]] = {}
+        for _, req in ro.requests:
+            src = self._source_for(req.metric)
+            grouped.setdefault(id(src), (src, []))[1].append(req)
+        ro.by_source = list(grouped.values())
         horizon = max(
             policy.longest_window_seconds,
             policy.longest_window_evaluations * spec.interval,
@@ -602,11 +631,6 @@ class Engine:
             since = ro.status.pending_since.get(rule.label)
             state.pending_since[i] = since
             state.firing[i] = since is not None and now - since >= rule.for_seconds
-
-
-def _or(value: float | None, default: float) -> float:
-    """`value`, or `default` when unset (a time of 0.0 is a time, not a missing one)."""
-    return default if value is None else value
 
 
 def _material(before: RolloutStatus | None, after: RolloutStatus) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from dsl.compile import CompiledPolicy
@@ -27,6 +27,15 @@ class Target:
     track: str
     service: str = ""
     pod_regex: str = ""
+    # Requests are dictionary keys at every tick of every rollout: hash them once.
+    _hash: int = field(default=0, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        fields = (self.namespace, self.workload, self.track, self.service, self.pod_regex)
+        object.__setattr__(self, "_hash", hash(fields))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +52,14 @@ class MetricRequest:
     metric: str
     window: float
     template: str | None = None
+    _hash: int = field(default=0, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        fields = (self.target, self.metric, self.window, self.template)
+        object.__setattr__(self, "_hash", hash(fields))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 MetricValues = Mapping[MetricRequest, float | None]

@@ -16,33 +16,37 @@ from collections.abc import Iterable, Mapping
 
 
 class MetricStream:
-    __slots__ = ("horizon", "samples")
+    """The snapshots of one rollout's recent ticks, oldest first.
+
+    One entry per tick (not per key), so recording costs the same however many
+    metrics the policy reads.
+    """
+
+    __slots__ = ("horizon", "keys", "ticks_")
 
     def __init__(self, keys: Iterable[str], horizon: float) -> None:
         self.horizon = horizon
-        self.samples: dict[str, deque[tuple[float, float | None]]] = {k: deque() for k in keys}
+        self.keys = tuple(keys)
+        self.ticks_: deque[tuple[float, Mapping[str, float | None]]] = deque()
 
     def record(self, t: float, values: Mapping[str, float | None]) -> None:
-        """Record one tick: every key of the stream gets a sample, None if it has no value."""
+        """Record one tick's values; a key without a value is unknown at that tick."""
+        ticks = self.ticks_
+        ticks.append((t, values))
         cutoff = t - self.horizon
-        for key, samples in self.samples.items():
-            samples.append((t, values.get(key)))
-            while samples[0][0] < cutoff:
-                samples.popleft()
+        while ticks[0][0] < cutoff:
+            ticks.popleft()
 
     def snapshot(self, t: float) -> dict[str, float | None]:
-        """The values recorded at tick t; a key with no sample at t is unknown."""
-        out: dict[str, float | None] = {}
-        for key, samples in self.samples.items():
-            out[key] = samples[-1][1] if samples and samples[-1][0] == t else None
-        return out
+        """The values recorded at tick t; every key is unknown at a tick not recorded."""
+        if self.ticks_ and self.ticks_[-1][0] == t:
+            values = self.ticks_[-1][1]
+            return {k: values.get(k) for k in self.keys}
+        return dict.fromkeys(self.keys)
 
     def history(self, key: str) -> list[tuple[float, float | None]]:
-        return list(self.samples.get(key, ()))
+        return [(t, values.get(key)) for t, values in self.ticks_]
 
     def ticks(self) -> list[float]:
         """Every tick time recorded, oldest first."""
-        times: set[float] = set()
-        for samples in self.samples.values():
-            times.update(t for t, _ in samples)
-        return sorted(times)
+        return [t for t, _ in self.ticks_]

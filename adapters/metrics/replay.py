@@ -81,6 +81,9 @@ def _key(name: str) -> tuple[str, str]:
     return track, _metric_name(metric, f"in `{name}`, ")
 
 
+_UNSEEN: Any = object()
+
+
 class ReplaySource:
     """A MetricSource that plays back recorded series.
 
@@ -101,6 +104,8 @@ class ReplaySource:
             raise ValueError(f"the sample interval must be positive, not {interval}")
         self.interval = float(interval)
         self.start = float(start)
+        # which series answers a request: requests repeat every tick, so remember it
+        self._memo: dict[MetricRequest, Sequence[float | None] | None] = {}
         self.series: dict[tuple[str, str], Samples] = {}
         self.context: dict[str, Samples] = {}
         seen: dict[tuple[str, str], str] = {}
@@ -138,19 +143,38 @@ class ReplaySource:
         names = sorted(f"{track}.{metric}" for track, metric in self.series)
         return f"ReplaySource({names}, interval={self.interval:g}, start={self.start:g})"
 
-    def value(self, request: MetricRequest, at: float) -> float | None:
-        """The recorded value for `request` at epoch time `at`, None when there is none."""
+    def _samples(self, request: MetricRequest) -> Sequence[float | None] | None:
         target = request.target
         own = self.workloads.get((target.namespace, target.workload))
         samples = own.get(request.metric) if own is not None else None
         if samples is None:
             samples = self.series.get((target.track, request.metric))
+        return samples
+
+    def value(self, request: MetricRequest, at: float) -> float | None:
+        """The recorded value for `request` at epoch time `at`, None when there is none."""
+        samples = self._samples(request)
         if samples is None:
             return None
         return value_at(samples, self.interval, at - self.start)
 
     async def fetch(self, at: float, requests: Sequence[MetricRequest]) -> MetricValues:
-        return {req: self.value(req, at) for req in requests}
+        # Many rollouts read the same recorded series: look each one up once per tick.
+        seen: dict[int, float | None] = {}
+        out: dict[MetricRequest, float | None] = {}
+        memo = self._memo
+        for req in requests:
+            samples = memo.get(req, _UNSEEN)
+            if samples is _UNSEEN:
+                samples = memo[req] = self._samples(req)
+            if samples is None:
+                out[req] = None
+                continue
+            key = id(samples)
+            if key not in seen:
+                seen[key] = value_at(samples, self.interval, at - self.start)
+            out[req] = seen[key]
+        return out
 
     async def fetch_range(
         self, start: float, end: float, step: float, requests: Sequence[MetricRequest]
