@@ -9,6 +9,9 @@
     codedance repl [FILE...]         try a policy interactively
     codedance demo [--scenario ...]  a canary release on this machine (0 Succeeded, 1 not)
     codedance run ROLLOUT.yaml --local   the same, driven by a CanaryDeployment manifest
+    codedance crd                    print the CanaryDeployment CRD (deploy/crd.yaml)
+    codedance policies-configmap [--namespace N] DIR
+                                     print DIR's .rules files as a ConfigMap (0, 1 errors, 2 usage)
 
 Output is plain text that reads the same in a terminal and in a CI log.
 Results go to stdout and summaries and usage errors to stderr, so `check`
@@ -96,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     from codedance.repl import add_command as add_repl
 
     add_repl(commands)
+    from codedance.deploy_cmd import add_commands as add_deploy
+
+    add_deploy(commands)
     return parser
 
 

@@ -2,9 +2,11 @@
 
 In: a manifest's `spec` (from the API or a YAML file). Out: validated models,
 the `RolloutSpec` the engine runs (`to_rollout_spec`), the status as the API
-stores it (`status_of`), and the CRD's openAPIV3Schema (`crd_manifest`), which
-`deploy/crd.yaml` is generated from so the cluster validates exactly what
-this module does. This module is the one place that knows the CRD's shape.
+stores it (`status_of`, whose shape `CanaryDeploymentStatus` describes), and
+the descriptions, patterns and bounds that `adapters.kube.crd` turns into the
+CRD's openAPIV3Schema; `deploy/crd.yaml` is generated from them so the cluster
+validates what this module does. This module is the one place that knows the
+CRD's shape.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engine.model import RolloutSpec, RolloutStatus, StrategySpec
+from engine.model import Phase, RolloutSpec, RolloutStatus, StrategySpec
 
 GROUP = "codedance.io"
 VERSION = "v1alpha1"
@@ -44,12 +46,31 @@ Duration = str
 class TargetRef(_Spec):
     """The stable workload the release replaces."""
 
-    kind: Literal["Deployment"] = "Deployment"
-    name: str = Field(pattern=NAME_PATTERN, max_length=253)
+    kind: Literal["Deployment"] = Field(
+        default="Deployment", description="the kind of the stable workload; only Deployment"
+    )
+    name: str = Field(
+        pattern=NAME_PATTERN,
+        max_length=253,
+        description="the stable Deployment, in the CanaryDeployment's namespace",
+    )
 
 
 class Version(_Spec):
     """The new version: images by container name, or a patch of the pod template."""
+
+    # The API server's copy of the check in `_one`: at least one of the two, not empty.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["images"], "properties": {"images": {"minProperties": 1}}},
+                {
+                    "required": ["podTemplatePatch"],
+                    "properties": {"podTemplatePatch": {"minProperties": 1}},
+                },
+            ]
+        }
+    )
 
     images: dict[str, str] | None = Field(
         default=None, description="container name -> image of the new version"
@@ -66,12 +87,26 @@ class Version(_Spec):
 
 
 class Strategy(_Spec):
-    type: Literal["linear", "exponential", "manual", "steps"] = "linear"
-    steps: list[int] | None = Field(
-        default=None, description="canary weights of a `steps` strategy, increasing"
+    """How the canary's weight grows, and how long each step is analysed."""
+
+    type: Literal["linear", "exponential", "manual", "steps"] = Field(
+        default="linear",
+        description="linear, exponential, manual (each step waits for approval) or steps",
     )
-    step_duration: Duration = Field(default="1m", pattern=DURATION_PATTERN)
-    max_weight: int | None = Field(default=None, ge=1, le=100)
+    steps: list[int] | None = Field(
+        default=None,
+        description="canary weights of a `steps` strategy, increasing",
+        # the bounds `_steps` checks, for the API server; the model keeps its own message
+        json_schema_extra={"items": {"type": "integer", "minimum": 0, "maximum": 100}},
+    )
+    step_duration: Duration = Field(
+        default="1m",
+        pattern=DURATION_PATTERN,
+        description="how long each step is analysed, such as 30s, 2m or 1m30s",
+    )
+    max_weight: int | None = Field(
+        default=None, ge=1, le=100, description="the highest canary weight before promotion"
+    )
 
     @model_validator(mode="after")
     def _steps(self) -> Strategy:
@@ -83,7 +118,9 @@ class Strategy(_Spec):
 class Traffic(_Spec):
     """How traffic is split, and the objects of the provider that split it."""
 
-    provider: Literal["istio", "nginx-ingress", "gateway-api", "local"] = "local"
+    provider: Literal["istio", "nginx-ingress", "gateway-api", "local"] = Field(
+        default="local", description="the traffic provider that splits requests"
+    )
     service: str | None = Field(default=None, description="the stable Service")
     canary_service: str | None = Field(default=None, description="the canary Service")
     virtual_service: str | None = Field(default=None, description="Istio VirtualService")
@@ -96,8 +133,19 @@ class Traffic(_Spec):
 class Policy(_Spec):
     """A policy from the mounted policy directory, or written inline."""
 
-    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
-    inline: str | None = Field(default=None, max_length=65536)
+    # The API server's copy of the check in `_one`: exactly one of the two.
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": ["name"]}, {"required": ["inline"]}]}
+    )
+
+    name: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="a policy file of the policy directory, without `.rules`",
+    )
+    inline: str | None = Field(
+        default=None, max_length=65536, description="the text of a policy, in the policy language"
+    )
 
     @model_validator(mode="after")
     def _one(self) -> Policy:
@@ -107,17 +155,25 @@ class Policy(_Spec):
 
 
 class Analysis(_Spec):
-    interval: Duration = Field(default="30s", pattern=DURATION_PATTERN)
-    max_pause: Duration | None = Field(default=None, pattern=DURATION_PATTERN)
+    """How often the policy is evaluated, and how long a pause may last."""
+
+    interval: Duration = Field(
+        default="30s", pattern=DURATION_PATTERN, description="time between two evaluations"
+    )
+    max_pause: Duration | None = Field(
+        default=None, pattern=DURATION_PATTERN, description="a longer pause rolls back"
+    )
 
 
 class CanaryDeploymentSpec(_Spec):
-    target_ref: TargetRef
-    version: Version
-    strategy: Strategy = Strategy()
-    traffic: Traffic = Traffic()
-    policy: Policy
-    analysis: Analysis = Analysis()
+    """A release request: the stable workload, the new version and how to roll it out."""
+
+    target_ref: TargetRef = Field(description="the stable workload the release replaces")
+    version: Version = Field(description="the new version")
+    strategy: Strategy = Field(default=Strategy(), description="how the canary's weight grows")
+    traffic: Traffic = Field(default=Traffic(), description="how traffic is split")
+    policy: Policy = Field(description="what healthy means: a policy by name, or inline")
+    analysis: Analysis = Field(default=Analysis(), description="when the policy is evaluated")
     dry_run: bool = Field(default=False, description="decide and record; change nothing")
     skip_analysis: bool = Field(default=False, description="walk the steps without a policy")
 
@@ -175,14 +231,61 @@ def to_rollout_spec(cd: CanaryDeployment, policy_name: str | None = None) -> Rol
 
 
 class Condition(BaseModel):
+    """One condition of the status, as Kubernetes conventions shape them."""
+
     model_config = ConfigDict(alias_generator=_camel, populate_by_name=True)
 
-    type: str
-    status: Literal["True", "False", "Unknown"]
-    reason: str
-    message: str = ""
-    last_transition_time: str = ""
-    observed_generation: int | None = None
+    type: str = Field(description="what the condition is about, such as Ready")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown")
+    reason: str = Field(description="a CamelCase word a program can match")
+    message: str = Field(default="", description="what happened, for a person")
+    last_transition_time: str = Field(
+        default="", description="when the status last changed (RFC 3339)"
+    )
+    observed_generation: int | None = Field(
+        default=None, description="the spec generation the condition describes"
+    )
+
+
+class CanaryDeploymentStatus(BaseModel):
+    """The status subresource as `status_of` writes it, plus the conditions.
+
+    It is the whole durable state of a rollout: a restarted controller resumes
+    from it. Times are seconds since the epoch, as the engine keeps them.
+    """
+
+    model_config = ConfigDict(alias_generator=_camel, populate_by_name=True)
+
+    phase: Phase = Field(default=Phase.PENDING, description="where the rollout is")
+    step: int = Field(default=0, description="the current step of the strategy")
+    weight: int = Field(default=0, ge=0, le=100, description="the canary's share of traffic")
+    health: int | None = Field(
+        default=None, ge=0, le=100, description="the last verdict's health score"
+    )
+    last_verdict: str = Field(default="", description="the last verdict's explanation")
+    last_action: str = Field(default="", description="the last verdict's action")
+    last_rule: str | None = Field(default=None, description="the rule that decided it")
+    message: str = Field(default="", description="why the rollout is in its phase")
+    policy_hash: str = Field(default="", description="the version of the policy the rollout runs")
+    pending_since: dict[str, float] = Field(
+        default_factory=dict, description="rule label -> when its condition became true"
+    )
+    started_at: float | None = Field(default=None, description="when the rollout started")
+    step_started_at: float | None = Field(default=None, description="when the step started")
+    paused_at: float | None = Field(default=None, description="when the rollout was paused")
+    paused_by: str | None = Field(default=None, description="who paused it")
+    approved_step: int = Field(default=-1, description="the last step a person approved")
+    observed_generation: int | None = Field(
+        default=None, description="the spec generation this status describes"
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="the latest observation of each condition type",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+    )
 
 
 def status_of(status: RolloutStatus, *, generation: int | None = None) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Tests of deploy/ and examples/: the manifests, the generated files, the image recipe."""
