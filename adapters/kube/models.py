@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engine.model import Phase, RolloutSpec, RolloutStatus, StrategySpec
+from engine.model import Phase, RolloutSpec, RolloutStatus, StrategySpec, VerdictRecord
 
 GROUP = "codedance.io"
 VERSION = "v1alpha1"
@@ -263,6 +263,12 @@ class CanaryDeploymentStatus(BaseModel):
         default=None, ge=0, le=100, description="the last verdict's health score"
     )
     last_verdict: str = Field(default="", description="the last verdict's explanation")
+    last_verdict_at: float | None = Field(
+        default=None, description="when the last verdict was made (epoch seconds)"
+    )
+    last_health: float | None = Field(
+        default=None, ge=0, le=100, description="the last verdict's exact health score"
+    )
     last_action: str = Field(default="", description="the last verdict's action")
     last_rule: str | None = Field(default=None, description="the rule that decided it")
     message: str = Field(default="", description="why the rollout is in its phase")
@@ -297,6 +303,8 @@ def status_of(status: RolloutStatus, *, generation: int | None = None) -> dict[s
         "weight": status.weight,
         "health": round(verdict.health) if verdict is not None else None,
         "lastVerdict": verdict.explanation if verdict is not None else "",
+        "lastVerdictAt": verdict.at if verdict is not None else None,
+        "lastHealth": verdict.health if verdict is not None else None,
         "lastAction": verdict.action if verdict is not None else "",
         "lastRule": verdict.rule if verdict is not None else None,
         "message": status.message,
@@ -309,3 +317,42 @@ def status_of(status: RolloutStatus, *, generation: int | None = None) -> dict[s
         "approvedStep": status.approved_step,
         "observedGeneration": generation,
     }
+
+
+def status_from(data: dict[str, Any]) -> RolloutStatus | None:
+    """The engine's status from the status subresource: the reverse of `status_of`.
+
+    None when the subresource holds no rollout yet (no phase). `status_of`
+    keeps the last verdict's health as a whole number and not the time it was
+    made; the time reads back from `lastVerdictAt` when the status has it, else
+    as the step's start (the verdict was made within the step).
+    """
+    if not data.get("phase"):
+        return None
+    verdict = None
+    if data.get("lastVerdict") or data.get("lastAction"):
+        at = data.get("lastVerdictAt")
+        if at is None:
+            at = data.get("stepStartedAt") or data.get("startedAt") or 0.0
+        health = data.get("lastHealth", data.get("health"))
+        verdict = VerdictRecord(
+            at=float(at),
+            action=str(data.get("lastAction") or ""),
+            rule=data.get("lastRule"),
+            explanation=str(data.get("lastVerdict") or ""),
+            health=float(health) if health is not None else 0.0,
+        )
+    return RolloutStatus(
+        phase=Phase(data["phase"]),
+        step=int(data.get("step") or 0),
+        weight=int(data.get("weight") or 0),
+        started_at=data.get("startedAt"),
+        step_started_at=data.get("stepStartedAt"),
+        paused_at=data.get("pausedAt"),
+        paused_by=data.get("pausedBy"),
+        policy_hash=str(data.get("policyHash") or ""),
+        pending_since={str(k): float(v) for k, v in (data.get("pendingSince") or {}).items()},
+        last_verdict=verdict,
+        message=str(data.get("message") or ""),
+        approved_step=int(data.get("approvedStep", -1)),
+    )

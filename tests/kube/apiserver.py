@@ -76,9 +76,18 @@ Reactor = Callable[[str, JsonObject], None]
 
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _REASONS = {
-    400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
-    405: "MethodNotAllowed", 409: "Conflict", 410: "Expired", 415: "UnsupportedMediaType",
-    422: "Invalid", 429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable",
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    409: "Conflict",
+    410: "Expired",
+    415: "UnsupportedMediaType",
+    422: "Invalid",
+    429: "TooManyRequests",
+    500: "InternalError",
+    503: "ServiceUnavailable",
     504: "Timeout",
 }
 _FAULT_MESSAGES = {
@@ -88,8 +97,9 @@ _FAULT_MESSAGES = {
     504: "the server was unable to return a response in the time allotted, "
     "but may still be processing the request",
 }
-_MODIFIED = ("the object has been modified; please apply your changes to the latest version "
-             "and try again")
+_MODIFIED = (
+    "the object has been modified; please apply your changes to the latest version and try again"
+)
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _SUBDOMAIN = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
 _DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
@@ -97,18 +107,42 @@ _NAME_PART = r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
 _QUALIFIED = re.compile(rf"({_DNS_LABEL}(\.{_DNS_LABEL})*/)?{_NAME_PART}")
 _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
 _NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # the API server's generateName alphabet
-_SERVER_FIELDS = ("uid", "creationTimestamp", "deletionTimestamp",
-                  "deletionGracePeriodSeconds", "generation", "resourceVersion")
+_SERVER_FIELDS = (
+    "uid",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "generation",
+    "resourceVersion",
+)
 
 
 # Kubernetes' own API groups: everything else is served from a CustomResourceDefinition.
-BUILTIN_GROUPS = frozenset({
-    "", "apps", "batch", "autoscaling", "policy", "networking.k8s.io", "coordination.k8s.io",
-    "events.k8s.io", "rbac.authorization.k8s.io", "storage.k8s.io", "apiextensions.k8s.io",
-    "admissionregistration.k8s.io", "apiregistration.k8s.io", "scheduling.k8s.io", "node.k8s.io",
-    "discovery.k8s.io", "certificates.k8s.io", "authentication.k8s.io", "authorization.k8s.io",
-    "flowcontrol.apiserver.k8s.io", "resource.k8s.io",
-})
+BUILTIN_GROUPS = frozenset(
+    {
+        "",
+        "apps",
+        "batch",
+        "autoscaling",
+        "policy",
+        "networking.k8s.io",
+        "coordination.k8s.io",
+        "events.k8s.io",
+        "rbac.authorization.k8s.io",
+        "storage.k8s.io",
+        "apiextensions.k8s.io",
+        "admissionregistration.k8s.io",
+        "apiregistration.k8s.io",
+        "scheduling.k8s.io",
+        "node.k8s.io",
+        "discovery.k8s.io",
+        "certificates.k8s.io",
+        "authentication.k8s.io",
+        "authorization.k8s.io",
+        "flowcontrol.apiserver.k8s.io",
+        "resource.k8s.io",
+    }
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -177,8 +211,13 @@ class ApiError(Exception):
     """An answer with a `Status` object, as the API server sends for every failure."""
 
     def __init__(
-        self, code: int, message: str, *, reason: str | None = None,
-        details: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None,
+        self,
+        code: int,
+        message: str,
+        *,
+        reason: str | None = None,
+        details: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -188,8 +227,13 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
 
     def status(self) -> JsonObject:
-        body: JsonObject = {"kind": "Status", "apiVersion": "v1", "metadata": {},
-                            "status": "Failure", "message": self.message}
+        body: JsonObject = {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+        }
         if self.reason:
             body["reason"] = self.reason
         if self.details:
@@ -214,13 +258,20 @@ def not_found(rtype: ResourceType, name: str) -> ApiError:
 
 
 def already_exists(rtype: ResourceType, name: str) -> ApiError:
-    return ApiError(409, f'{rtype.qualified} "{name}" already exists',
-                    reason="AlreadyExists", details=_details(rtype, name))
+    return ApiError(
+        409,
+        f'{rtype.qualified} "{name}" already exists',
+        reason="AlreadyExists",
+        details=_details(rtype, name),
+    )
 
 
 def conflict(rtype: ResourceType, name: str, why: str = _MODIFIED) -> ApiError:
-    return ApiError(409, f'Operation cannot be fulfilled on {rtype.qualified} "{name}": {why}',
-                    details=_details(rtype, name))
+    return ApiError(
+        409,
+        f'Operation cannot be fulfilled on {rtype.qualified} "{name}": {why}',
+        details=_details(rtype, name),
+    )
 
 
 def invalid(rtype: ResourceType, name: str, causes: Iterable[tuple[str, str]]) -> ApiError:
@@ -228,8 +279,9 @@ def invalid(rtype: ResourceType, name: str, causes: Iterable[tuple[str, str]]) -
     subject = f"{rtype.kind}.{rtype.group}" if rtype.group else rtype.kind
     text = ", ".join(f"{where}: {what}" for where, what in listed)
     details = _details(rtype, name, rtype.kind)
-    details["causes"] = [{"reason": "FieldValueInvalid", "message": what, "field": where}
-                         for where, what in listed]
+    details["causes"] = [
+        {"reason": "FieldValueInvalid", "message": what, "field": where} for where, what in listed
+    ]
     return ApiError(422, f'{subject} "{name}" is invalid: {text}', details=details)
 
 
@@ -367,7 +419,7 @@ def parse_field_selector(text: str, rtype: ResourceType) -> tuple[tuple[str, boo
         if match is None:
             raise bad_request(f"invalid field selector: {piece!r}")
         if match[1] not in allowed:
-            raise bad_request(f'field label not supported: {match[1]}')
+            raise bad_request(f"field label not supported: {match[1]}")
         requirements.append((match[1], match[2] != "!=", match[3]))
     return tuple(requirements)
 
@@ -452,7 +504,9 @@ class ApiServer(kmock.KubernetesScaffold):
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self.close_watches()  # the HTTP server waits for open handlers when it stops
@@ -466,11 +520,19 @@ class ApiServer(kmock.KubernetesScaffold):
     # ----------------------------------------------------------------- set-up
 
     def register(
-        self, group: str, version: str, plural: str, kind: str, namespaced: bool = True,
+        self,
+        group: str,
+        version: str,
+        plural: str,
+        kind: str,
+        namespaced: bool = True,
         status_subresource: bool = True,
-        schema: Mapping[str, Any] | Validator | None = None, *,
-        also_served: Iterable[str] = (), allow_create_on_update: bool = False,
-        field_labels: Iterable[str] = (), name_rule: re.Pattern[str] = _SUBDOMAIN,
+        schema: Mapping[str, Any] | Validator | None = None,
+        *,
+        also_served: Iterable[str] = (),
+        allow_create_on_update: bool = False,
+        field_labels: Iterable[str] = (),
+        name_rule: re.Pattern[str] = _SUBDOMAIN,
     ) -> ResourceType:
         """Serve a resource. `schema`: a CRD version's openAPIV3Schema (its defaults are
         applied and it is enforced strictly) or a validator that raises ValueError (422).
@@ -478,13 +540,24 @@ class ApiServer(kmock.KubernetesScaffold):
         defaults = schema if isinstance(schema, Mapping) else None
         validator = schemas.openapi_validator(schema) if isinstance(schema, Mapping) else schema
         rtype = ResourceType(
-            group, (version, *also_served), plural, kind, namespaced, status_subresource,
-            validator, defaults, allow_create_on_update, frozenset(field_labels), name_rule,
+            group,
+            (version, *also_served),
+            plural,
+            kind,
+            namespaced,
+            status_subresource,
+            validator,
+            defaults,
+            allow_create_on_update,
+            frozenset(field_labels),
+            name_rule,
         )
         for served in rtype.versions:
             self._types[group, served, plural] = rtype
             self.resources[kmock.resource(group, served, plural)] = kmock.ResourceInfo(
-                namespaced=namespaced, kind=kind, singular=kind.lower(),
+                namespaced=namespaced,
+                kind=kind,
+                singular=kind.lower(),
                 verbs={"create", "delete", "get", "list", "patch", "update", "watch"},
                 subresources={"status"} if status_subresource else set(),
             )
@@ -522,14 +595,20 @@ class ApiServer(kmock.KubernetesScaffold):
         return [copy.deepcopy(obj) for obj in self._current(self._resolve(ref), namespace)]
 
     def writes(
-        self, ref: str | None = None, *, name: str | None = None,
-        namespace: str | None = None, status: bool | None = None, ok: bool | None = True,
+        self,
+        ref: str | None = None,
+        *,
+        name: str | None = None,
+        namespace: str | None = None,
+        status: bool | None = None,
+        ok: bool | None = True,
     ) -> list[Call]:
         """Write requests (POST, PUT, PATCH, DELETE), by default only the successful ones.
         `status`: True for /status writes only, False for main-endpoint writes only."""
         rtype = self._resolve(ref) if ref is not None else None
         return [
-            call for call in self.calls
+            call
+            for call in self.calls
             if call.is_write
             and (rtype is None or (call.group, call.plural) == (rtype.group, rtype.plural))
             and (name is None or call.name == name)
@@ -560,7 +639,11 @@ class ApiServer(kmock.KubernetesScaffold):
         return self._update(rtype, old, body, status_only=False, keep_status=True)
 
     def set_status(
-        self, ref: str, name: str, status: Mapping[str, Any], namespace: str | None = None,
+        self,
+        ref: str,
+        name: str,
+        status: Mapping[str, Any],
+        namespace: str | None = None,
     ) -> JsonObject:
         """Replace an object's .status, as its controller would through /status."""
         rtype = self._resolve(ref)
@@ -575,18 +658,30 @@ class ApiServer(kmock.KubernetesScaffold):
     # ------------------------------------------------------------------ faults
 
     def fail(
-        self, status: int, *, method: str | Iterable[str] | None = None,
-        path: str | re.Pattern[str] | None = None, watch: bool | None = None,
-        times: int = 1, retry_after: int | None = 1, message: str | None = None,
+        self,
+        status: int,
+        *,
+        method: str | Iterable[str] | None = None,
+        path: str | re.Pattern[str] | None = None,
+        watch: bool | None = None,
+        times: int = 1,
+        retry_after: int | None = 1,
+        message: str | None = None,
     ) -> None:
         """The next `times` requests matching `method` (one or several), `path` (a glob or a
         regex searched in the path) and `watch` answer `status` (429, 500, 503, 409, ...)."""
-        methods = None if method is None else frozenset(
-            [method.upper()] if isinstance(method, str) else [m.upper() for m in method])
+        methods = (
+            None
+            if method is None
+            else frozenset(
+                [method.upper()] if isinstance(method, str) else [m.upper() for m in method]
+            )
+        )
         self._faults.append(Fault(status, methods, path, watch, times, retry_after, message))
 
-    def conflict_next_write(self, times: int = 1,
-                            path: str | re.Pattern[str] | None = None) -> None:
+    def conflict_next_write(
+        self, times: int = 1, path: str | re.Pattern[str] | None = None
+    ) -> None:
         """The next `times` writes answer 409 Conflict, as a concurrent writer would cause."""
         self.fail(409, method=WRITE_METHODS, path=path, times=times)
 
@@ -607,14 +702,21 @@ class ApiServer(kmock.KubernetesScaffold):
 
     async def _handle(self, request: kmock.Request) -> web.StreamResponse:
         target = parse_path(request.url.path)
-        content_type = next((value for key, value in request.headers.items()
-                             if key.lower() == "content-type"), "").split(";")[0].strip()
+        content_type = (
+            next(
+                (value for key, value in request.headers.items() if key.lower() == "content-type"),
+                "",
+            )
+            .split(";")[0]
+            .strip()
+        )
         try:
             body = json.loads(request.body) if request.body else None
         except ValueError:
             body = request.text
-        call = Call(request.method.value, request.url.path, dict(request.params), content_type,
-                    body)
+        call = Call(
+            request.method.value, request.url.path, dict(request.params), content_type, body
+        )
         if target is not None:
             call.group, call.plural, call.namespace = target.group, target.plural, target.namespace
             call.name, call.subresource = target.name, target.subresource
@@ -630,14 +732,18 @@ class ApiServer(kmock.KubernetesScaffold):
         self._notify()
         return response
 
-    async def _respond(self, request: kmock.Request, target: Target | None,
-                       call: Call) -> web.StreamResponse:
+    async def _respond(
+        self, request: kmock.Request, target: Target | None, call: Call
+    ) -> web.StreamResponse:
         is_watch = call.method == "GET" and call.query.get("watch") in ("true", "1")
         for fault in self._faults:
             if fault.remaining > 0 and fault.matches(call.method, call.path, is_watch):
                 fault.remaining -= 1
-                rtype = None if target is None else self._types.get(
-                    (target.group, target.version, target.plural))
+                rtype = (
+                    None
+                    if target is None
+                    else self._types.get((target.group, target.version, target.plural))
+                )
                 raise fault.error(target, rtype)
         if len(self._payloads) > self._own_payloads:
             try:  # a reaction the test set with kmock's DSL answers first
@@ -678,25 +784,35 @@ class ApiServer(kmock.KubernetesScaffold):
 
     async def _serve_server_version(self, request: kmock.Request) -> kmock.Payload:
         major, minor, *_ = schemas.KUBERNETES_VERSION.split(".")
-        return {"major": major, "minor": minor, "gitVersion": f"v{schemas.KUBERNETES_VERSION}",
-                "gitCommit": "0" * 40, "gitTreeState": "clean",
-                "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.25", "compiler": "gc",
-                "platform": "linux/amd64"}
+        return {
+            "major": major,
+            "minor": minor,
+            "gitVersion": f"v{schemas.KUBERNETES_VERSION}",
+            "gitCommit": "0" * 40,
+            "gitTreeState": "clean",
+            "buildDate": "2026-01-01T00:00:00Z",
+            "goVersion": "go1.25",
+            "compiler": "gc",
+            "platform": "linux/amd64",
+        }
 
-    async def _dispatch(self, request: kmock.Request, target: Target, call: Call,
-                        is_watch: bool) -> web.StreamResponse:
+    async def _dispatch(
+        self, request: kmock.Request, target: Target, call: Call, is_watch: bool
+    ) -> web.StreamResponse:
         rtype = self._types.get((target.group, target.version, target.plural))
         if rtype is None or (target.namespace is not None and not rtype.namespaced):
             raise ApiError(404, UNKNOWN_RESOURCE)
         if target.subresource not in (None, "status") or (
-                target.subresource == "status" and not rtype.status_subresource):
+            target.subresource == "status" and not rtype.status_subresource
+        ):
             raise ApiError(404, UNKNOWN_RESOURCE)
         namespace = target.namespace if rtype.namespaced else None
         if call.method == "GET" and is_watch:
             return await self._watch(request, rtype, target, call.query)
         if call.method == "GET" and target.name is None:
             return web.json_response(
-                self._list_answer(rtype, namespace, target.version, call.query))
+                self._list_answer(rtype, namespace, target.version, call.query)
+            )
         if call.method == "GET" and target.name is not None:
             obj = self._live(rtype, namespace, target.name)
             if obj is None:
@@ -704,8 +820,9 @@ class ApiServer(kmock.KubernetesScaffold):
             return self._answer(rtype, obj, target.version)
         return self._write(rtype, target, namespace, call)
 
-    def _write(self, rtype: ResourceType, target: Target, namespace: str | None,
-               call: Call) -> web.StreamResponse:
+    def _write(
+        self, rtype: ResourceType, target: Target, namespace: str | None, call: Call
+    ) -> web.StreamResponse:
         method, name, version, body = call.method, target.name, target.version, call.body
         dry_run = "dryRun" in call.query
         status_only = target.subresource == "status"
@@ -713,8 +830,9 @@ class ApiServer(kmock.KubernetesScaffold):
             if rtype.namespaced and namespace is None:
                 raise ApiError(405, NOT_ALLOWED)
             obj = self._identified(rtype, body, version, namespace, None)
-            return self._answer(rtype, self._create(rtype, obj, namespace, dry_run=dry_run),
-                                version, 201)
+            return self._answer(
+                rtype, self._create(rtype, obj, namespace, dry_run=dry_run), version, 201
+            )
         if name is None:
             raise ApiError(405, NOT_ALLOWED)
         if method == "DELETE" and target.subresource is None:
@@ -723,11 +841,13 @@ class ApiServer(kmock.KubernetesScaffold):
         if method == "PUT":
             obj = self._identified(rtype, body, version, namespace, name)
             if old is None and rtype.allow_create_on_update and not status_only:
-                return self._answer(rtype, self._create(rtype, obj, namespace, dry_run=dry_run),
-                                    version, 201)
+                return self._answer(
+                    rtype, self._create(rtype, obj, namespace, dry_run=dry_run), version, 201
+                )
         elif method == "PATCH" and old is not None:
-            obj = self._identified(rtype, self._patched(rtype, old, body, call.content_type),
-                                   version, namespace, name)
+            obj = self._identified(
+                rtype, self._patched(rtype, old, body, call.content_type), version, namespace, name
+            )
         elif method != "PATCH":
             raise ApiError(405, NOT_ALLOWED)
         if old is None:
@@ -736,8 +856,9 @@ class ApiServer(kmock.KubernetesScaffold):
         updated = self._update(rtype, old, obj, status_only=status_only, dry_run=dry_run)
         return self._answer(rtype, updated, version)
 
-    def _answer(self, rtype: ResourceType, obj: JsonObject, version: str,
-                code: int = 200) -> web.Response:
+    def _answer(
+        self, rtype: ResourceType, obj: JsonObject, version: str, code: int = 200
+    ) -> web.Response:
         return web.json_response(self._present(rtype, obj, version), status=code)
 
     def _present(self, rtype: ResourceType, obj: Mapping[str, Any], version: str) -> JsonObject:
@@ -750,26 +871,34 @@ class ApiServer(kmock.KubernetesScaffold):
 
     def _current(self, rtype: ResourceType, namespace: str | None = None) -> list[JsonObject]:
         found = [
-            obj.last.raw for (resource, ns, _), obj in self._store.items()
-            if resource == rtype.resource and not obj.deleted
+            obj.last.raw
+            for (resource, ns, _), obj in self._store.items()
+            if resource == rtype.resource
+            and not obj.deleted
             and (namespace is None or ns == namespace)
         ]
-        return sorted(found, key=lambda o: (o["metadata"].get("namespace") or "",
-                                            o["metadata"]["name"]))
+        return sorted(
+            found, key=lambda o: (o["metadata"].get("namespace") or "", o["metadata"]["name"])
+        )
 
-    def _selection(self, rtype: ResourceType, params: Mapping[str, str],
-                   ) -> Callable[[Mapping[str, Any]], bool]:
+    def _selection(
+        self,
+        rtype: ResourceType,
+        params: Mapping[str, str],
+    ) -> Callable[[Mapping[str, Any]], bool]:
         labels = LabelSelector.parse(params.get("labelSelector", ""))
         fields = parse_field_selector(params.get("fieldSelector", ""), rtype)
 
         def selects(obj: Mapping[str, Any]) -> bool:
             return labels.matches(obj.get("metadata", {}).get("labels") or {}) and all(
-                (_field_value(obj, path) == value) == equal for path, equal, value in fields)
+                (_field_value(obj, path) == value) == equal for path, equal, value in fields
+            )
 
         return selects
 
-    def _list_answer(self, rtype: ResourceType, namespace: str | None, version: str,
-                     params: Mapping[str, str]) -> JsonObject:
+    def _list_answer(
+        self, rtype: ResourceType, namespace: str | None, version: str, params: Mapping[str, str]
+    ) -> JsonObject:
         selects = self._selection(rtype, params)
         items = [obj for obj in self._current(rtype, namespace) if selects(obj)]
         meta: JsonObject = {"resourceVersion": str(self._rv)}
@@ -779,11 +908,17 @@ class ApiServer(kmock.KubernetesScaffold):
             except (ValueError, TypeError):
                 raise bad_request("invalid continue token") from None
             if rv < self._compacted:
-                raise ApiError(410, "The provided continue parameter is too old to display a "
-                               "consistent list result. You can start a new list without the "
-                               "continue parameter.")
-            items = [o for o in items if [o["metadata"].get("namespace") or "",
-                                          o["metadata"]["name"]] > after]
+                raise ApiError(
+                    410,
+                    "The provided continue parameter is too old to display a "
+                    "consistent list result. You can start a new list without the "
+                    "continue parameter.",
+                )
+            items = [
+                o
+                for o in items
+                if [o["metadata"].get("namespace") or "", o["metadata"]["name"]] > after
+            ]
         limit = int(params["limit"]) if params.get("limit", "").isdigit() else 0
         if 0 < limit < len(items):
             last = items[limit - 1]["metadata"]
@@ -791,11 +926,16 @@ class ApiServer(kmock.KubernetesScaffold):
             meta["continue"] = base64.urlsafe_b64encode(token.encode()).decode()
             meta["remainingItemCount"] = len(items) - limit
             items = items[:limit]
-        return {"apiVersion": rtype.api_version(version), "kind": f"{rtype.kind}List",
-                "metadata": meta, "items": [self._present(rtype, o, version) for o in items]}
+        return {
+            "apiVersion": rtype.api_version(version),
+            "kind": f"{rtype.kind}List",
+            "metadata": meta,
+            "items": [self._present(rtype, o, version) for o in items],
+        }
 
-    async def _watch(self, request: kmock.Request, rtype: ResourceType, target: Target,
-                     params: Mapping[str, str]) -> web.StreamResponse:
+    async def _watch(
+        self, request: kmock.Request, rtype: ResourceType, target: Target, params: Mapping[str, str]
+    ) -> web.StreamResponse:
         selects = self._selection(rtype, params)
         namespace = target.namespace if rtype.namespaced else None
         since = params.get("resourceVersion", "")
@@ -813,9 +953,11 @@ class ApiServer(kmock.KubernetesScaffold):
             initial: list[JsonObject] = []
             start = int(since or 0)
             if since in ("", "0"):  # no position given: the current state first, as ADDED
-                initial = [self._present(rtype, obj, target.version)
-                           for obj in self._current(rtype, namespace)
-                           if selects(obj) and target.name in (None, obj["metadata"]["name"])]
+                initial = [
+                    self._present(rtype, obj, target.version)
+                    for obj in self._current(rtype, namespace)
+                    if selects(obj) and target.name in (None, obj["metadata"]["name"])
+                ]
                 start = self._rv
             stream = self._events(info, rtype, target, namespace, selects, start, initial, timeout)
         # kmock renders the stream (Response is exported by kmock, though not in its __all__).
@@ -828,8 +970,14 @@ class ApiServer(kmock.KubernetesScaffold):
         yield {"type": "ERROR", "object": ApiError(410, message).status()}
 
     async def _events(
-        self, info: WatchInfo, rtype: ResourceType, target: Target, namespace: str | None,
-        selects: Callable[[Mapping[str, Any]], bool], start: int, initial: list[JsonObject],
+        self,
+        info: WatchInfo,
+        rtype: ResourceType,
+        target: Target,
+        namespace: str | None,
+        selects: Callable[[Mapping[str, Any]], bool],
+        start: int,
+        initial: list[JsonObject],
         timeout: float | None,
     ) -> AsyncIterator[Any]:
         epoch = self._watch_epoch
@@ -864,12 +1012,19 @@ class ApiServer(kmock.KubernetesScaffold):
             self._watches.remove(info)
             self._notify()
 
-    def _visible(self, event: _Event, rtype: ResourceType, target: Target, namespace: str | None,
-                 selects: Callable[[Mapping[str, Any]], bool]) -> JsonObject | None:
+    def _visible(
+        self,
+        event: _Event,
+        rtype: ResourceType,
+        target: Target,
+        namespace: str | None,
+        selects: Callable[[Mapping[str, Any]], bool],
+    ) -> JsonObject | None:
         if event.resource != rtype.resource:
             return None
         if (namespace is not None and event.namespace != namespace) or (
-                target.name is not None and event.name != target.name):
+            target.name is not None and event.name != target.name
+        ):
             return None
         now = selects(event.obj)
         before = event.old is not None and selects(event.old)
@@ -882,8 +1037,9 @@ class ApiServer(kmock.KubernetesScaffold):
 
     # ------------------------------------------------------------------ writes
 
-    def _identified(self, rtype: ResourceType, body: Any, version: str,
-                    namespace: str | None, name: str | None) -> JsonObject:
+    def _identified(
+        self, rtype: ResourceType, body: Any, version: str, namespace: str | None, name: str | None
+    ) -> JsonObject:
         """The request body checked against the URL, with apiVersion and kind filled in."""
         if not isinstance(body, dict):
             raise bad_request("the body of the request must be a JSON object")
@@ -893,31 +1049,39 @@ class ApiServer(kmock.KubernetesScaffold):
             missing = "Kind" if not kind else "apiVersion"
             raise bad_request(f"Object '{missing}' is missing in '{json.dumps(body)[:200]}'")
         if api_version and api_version not in [rtype.api_version(v) for v in rtype.versions]:
-            raise bad_request(f"the API version in the data ({api_version}) does not match the "
-                              f"expected API version ({rtype.api_version(version)})")
+            raise bad_request(
+                f"the API version in the data ({api_version}) does not match the "
+                f"expected API version ({rtype.api_version(version)})"
+            )
         if kind and kind != rtype.kind:
-            raise bad_request(f"the kind in the data ({kind}) does not match the expected kind "
-                              f"({rtype.kind})")
+            raise bad_request(
+                f"the kind in the data ({kind}) does not match the expected kind ({rtype.kind})"
+            )
         obj["apiVersion"], obj["kind"] = rtype.api_version(), rtype.kind
         meta = obj.setdefault("metadata", {})
         if not isinstance(meta, dict):
             raise bad_request("metadata must be an object")
         if rtype.namespaced:
             if meta.get("namespace") not in (None, "", namespace):
-                raise bad_request("the namespace of the provided object does not match the "
-                                  "namespace sent on the request")
+                raise bad_request(
+                    "the namespace of the provided object does not match the "
+                    "namespace sent on the request"
+                )
             meta["namespace"] = namespace
         else:
             meta.pop("namespace", None)
         if name is not None and meta.get("name") not in (None, "", name):
-            raise bad_request(f"the name of the object ({meta['name']}) does not match the name "
-                              f"on the URL ({name})")
+            raise bad_request(
+                f"the name of the object ({meta['name']}) does not match the name "
+                f"on the URL ({name})"
+            )
         if name is not None:
             meta["name"] = name
         return obj
 
-    def _patched(self, rtype: ResourceType, old: JsonObject, patch: Any,
-                 content_type: str) -> JsonObject:
+    def _patched(
+        self, rtype: ResourceType, old: JsonObject, patch: Any, content_type: str
+    ) -> JsonObject:
         if content_type == "application/json-patch+json":
             if not isinstance(patch, list):
                 raise bad_request("a JSON patch must be a list of operations")
@@ -928,30 +1092,47 @@ class ApiServer(kmock.KubernetesScaffold):
             except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as error:
                 raise invalid(rtype, old["metadata"]["name"], [("", str(error))]) from None
         elif content_type == "application/merge-patch+json" or (
-                content_type == "application/strategic-merge-patch+json" and not rtype.custom):
+            content_type == "application/strategic-merge-patch+json" and not rtype.custom
+        ):
             result = merge_patch(old, patch)
         else:
-            raise ApiError(415, "the body of the request was in an unknown format - accepted "
-                           "media types include: application/json-patch+json, "
-                           "application/merge-patch+json"
-                           + ("" if rtype.custom else ", application/strategic-merge-patch+json"))
+            raise ApiError(
+                415,
+                "the body of the request was in an unknown format - accepted "
+                "media types include: application/json-patch+json, "
+                "application/merge-patch+json"
+                + ("" if rtype.custom else ", application/strategic-merge-patch+json"),
+            )
         if not isinstance(result, dict):
             raise bad_request("the patch does not give an object")
         return result
 
-    def _check_preconditions(self, rtype: ResourceType, old: JsonObject,
-                             meta: Mapping[str, Any], for_put: bool) -> None:
+    def _check_preconditions(
+        self, rtype: ResourceType, old: JsonObject, meta: Mapping[str, Any], for_put: bool
+    ) -> None:
         name = old["metadata"]["name"]
         rv = meta.get("resourceVersion")
         if for_put and not rv and rtype.custom:  # custom resources never update unconditionally
-            raise invalid(rtype, name, [("metadata.resourceVersion",
-                                         "Invalid value: 0x0: must be specified for an update")])
+            raise invalid(
+                rtype,
+                name,
+                [
+                    (
+                        "metadata.resourceVersion",
+                        "Invalid value: 0x0: must be specified for an update",
+                    )
+                ],
+            )
         if rv and rv != old["metadata"]["resourceVersion"]:
             raise conflict(rtype, name)
         uid = meta.get("uid")
         if uid and uid != old["metadata"].get("uid"):
-            raise conflict(rtype, name, f"Precondition failed: UID in precondition: {uid}, "
-                           f"UID in object meta: {old['metadata'].get('uid')}")
+            raise conflict(
+                rtype,
+                name,
+                f"Precondition failed: UID in precondition: {uid}, "
+                f"UID in object meta: {old['metadata'].get('uid')}",
+            )
 
     def _check_metadata(self, rtype: ResourceType, obj: JsonObject) -> None:
         meta = obj["metadata"]
@@ -961,21 +1142,32 @@ class ApiServer(kmock.KubernetesScaffold):
             values = meta.get(section)
             if values is None:
                 continue
-            if not isinstance(values, dict) or not all(
-                    isinstance(v, str) for v in values.values()):
-                raise bad_request(f"json: cannot unmarshal metadata.{section}: values must be "
-                                  f"strings")
+            if not isinstance(values, dict) or not all(isinstance(v, str) for v in values.values()):
+                raise bad_request(
+                    f"json: cannot unmarshal metadata.{section}: values must be strings"
+                )
             for key, value in values.items():
                 if not _QUALIFIED.fullmatch(key) or len(key.rpartition("/")[2]) > 63:
-                    causes.append((f"metadata.{section}", f'Invalid value: "{key}": name part '
-                                   "must consist of alphanumeric characters, '-', '_' or '.'"))
+                    causes.append(
+                        (
+                            f"metadata.{section}",
+                            f'Invalid value: "{key}": name part '
+                            "must consist of alphanumeric characters, '-', '_' or '.'",
+                        )
+                    )
                 if section == "labels" and (len(value) > 63 or not _LABEL_VALUE.fullmatch(value)):
-                    causes.append(("metadata.labels", f'Invalid value: "{value}": a valid label '
-                                   "must be an empty string or consist of alphanumeric "
-                                   "characters, '-', '_' or '.'"))
+                    causes.append(
+                        (
+                            "metadata.labels",
+                            f'Invalid value: "{value}": a valid label '
+                            "must be an empty string or consist of alphanumeric "
+                            "characters, '-', '_' or '.'",
+                        )
+                    )
         finalizers = meta.get("finalizers")
-        if finalizers is not None and (not isinstance(finalizers, list) or not all(
-                isinstance(f, str) for f in finalizers)):
+        if finalizers is not None and (
+            not isinstance(finalizers, list) or not all(isinstance(f, str) for f in finalizers)
+        ):
             raise bad_request("json: cannot unmarshal metadata.finalizers: must be strings")
         if causes:
             raise invalid(rtype, name, causes)
@@ -990,31 +1182,45 @@ class ApiServer(kmock.KubernetesScaffold):
             except ValueError as error:
                 where = getattr(error, "field", "")
                 what = getattr(error, "reason", str(error))
-                raise invalid(rtype, obj["metadata"]["name"],
-                              [(where, f"Invalid value: {what}")]) from None
+                raise invalid(
+                    rtype, obj["metadata"]["name"], [(where, f"Invalid value: {what}")]
+                ) from None
 
     def _now(self) -> str:
         moment = datetime.datetime.fromtimestamp(self.clock(), datetime.UTC)
         return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
-    def _create(self, rtype: ResourceType, obj: JsonObject, namespace: str | None, *,
-                keep_status: bool = False, dry_run: bool = False) -> JsonObject:
+    def _create(
+        self,
+        rtype: ResourceType,
+        obj: JsonObject,
+        namespace: str | None,
+        *,
+        keep_status: bool = False,
+        dry_run: bool = False,
+    ) -> JsonObject:
         meta = obj["metadata"]
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + "".join(
-                self._rng.choice(_NAME_ALPHABET) for _ in range(5))
+                self._rng.choice(_NAME_ALPHABET) for _ in range(5)
+            )
         name = meta.get("name") or ""
         if not name:
-            raise invalid(rtype, "", [("metadata.name",
-                                       "Required value: name or generateName is required")])
+            raise invalid(
+                rtype, "", [("metadata.name", "Required value: name or generateName is required")]
+            )
         if meta.get("resourceVersion"):
-            raise ApiError(500, "resourceVersion should not be set on objects to be created",
-                           reason="")
+            raise ApiError(
+                500, "resourceVersion should not be set on objects to be created", reason=""
+            )
         if self._live(rtype, namespace, name) is not None:
             raise already_exists(rtype, name)
         if len(name) > 253 or not rtype.name_rule.fullmatch(name):
-            raise invalid(rtype, name, [("metadata.name", f'Invalid value: "{name}": must be a '
-                                         "lowercase RFC 1123 name")])
+            raise invalid(
+                rtype,
+                name,
+                [("metadata.name", f'Invalid value: "{name}": must be a lowercase RFC 1123 name')],
+            )
         for server_field in _SERVER_FIELDS:
             meta.pop(server_field, None)
         meta["uid"] = str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
@@ -1026,8 +1232,16 @@ class ApiServer(kmock.KubernetesScaffold):
         self._admit(rtype, obj)
         return self._commit(rtype, obj, "ADDED", None, dry_run)
 
-    def _update(self, rtype: ResourceType, old: JsonObject, candidate: JsonObject, *,
-                status_only: bool, keep_status: bool = False, dry_run: bool = False) -> JsonObject:
+    def _update(
+        self,
+        rtype: ResourceType,
+        old: JsonObject,
+        candidate: JsonObject,
+        *,
+        status_only: bool,
+        keep_status: bool = False,
+        dry_run: bool = False,
+    ) -> JsonObject:
         if status_only:
             new = copy.deepcopy(old)  # a /status write changes nothing else
             if "status" in candidate:
@@ -1048,9 +1262,17 @@ class ApiServer(kmock.KubernetesScaffold):
             if old_meta.get("deletionTimestamp"):
                 added = set(meta.get("finalizers") or []) - set(old_meta.get("finalizers") or [])
                 if added:
-                    raise invalid(rtype, meta["name"], [(
-                        "metadata.finalizers", "Forbidden: no new finalizers can be added if "
-                        "the object is being deleted")])
+                    raise invalid(
+                        rtype,
+                        meta["name"],
+                        [
+                            (
+                                "metadata.finalizers",
+                                "Forbidden: no new finalizers can be added if "
+                                "the object is being deleted",
+                            )
+                        ],
+                    )
         self._admit(rtype, new)
         if _without_version(new) == _without_version(old):
             return copy.deepcopy(old)  # a no-op write stores nothing and tells no watcher
@@ -1061,8 +1283,9 @@ class ApiServer(kmock.KubernetesScaffold):
             return self._commit(rtype, new, "DELETED", old, dry_run)  # the last finalizer went
         return self._commit(rtype, new, "MODIFIED", old, dry_run)
 
-    def _delete(self, rtype: ResourceType, namespace: str | None, name: str, options: Any,
-                dry_run: bool) -> JsonObject:
+    def _delete(
+        self, rtype: ResourceType, namespace: str | None, name: str, options: Any, dry_run: bool
+    ) -> JsonObject:
         old = self._live(rtype, namespace, name)
         if old is None:
             raise not_found(rtype, name)
@@ -1071,13 +1294,21 @@ class ApiServer(kmock.KubernetesScaffold):
             rv, uid = preconditions.get("resourceVersion"), preconditions.get("uid")
             current = old["metadata"]["resourceVersion"]
             if rv and rv != current:
-                raise conflict(rtype, name, f"the ResourceVersion in the precondition ({rv}) "
-                               f"does not match the ResourceVersion in record ({current}). "
-                               "The object might have been modified")
+                raise conflict(
+                    rtype,
+                    name,
+                    f"the ResourceVersion in the precondition ({rv}) "
+                    f"does not match the ResourceVersion in record ({current}). "
+                    "The object might have been modified",
+                )
             if uid and uid != old["metadata"].get("uid"):
-                raise conflict(rtype, name, f"the UID in the precondition ({uid}) does not match "
-                               f"the UID in record ({old['metadata'].get('uid')}). The object "
-                               "might have been deleted and then recreated")
+                raise conflict(
+                    rtype,
+                    name,
+                    f"the UID in the precondition ({uid}) does not match "
+                    f"the UID in record ({old['metadata'].get('uid')}). The object "
+                    "might have been deleted and then recreated",
+                )
         if old["metadata"].get("finalizers"):
             if old["metadata"].get("deletionTimestamp"):
                 return self._present(rtype, old, rtype.versions[0])
@@ -1088,11 +1319,22 @@ class ApiServer(kmock.KubernetesScaffold):
         gone = self._commit(rtype, copy.deepcopy(old), "DELETED", old, dry_run)
         details = _details(rtype, name)
         details["uid"] = gone["metadata"].get("uid")
-        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
-                "details": details}
+        return {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Success",
+            "details": details,
+        }
 
-    def _commit(self, rtype: ResourceType, obj: JsonObject, event_type: str,
-                old: JsonObject | None, dry_run: bool) -> JsonObject:
+    def _commit(
+        self,
+        rtype: ResourceType,
+        obj: JsonObject,
+        event_type: str,
+        old: JsonObject | None,
+        dry_run: bool,
+    ) -> JsonObject:
         if dry_run:
             return copy.deepcopy(obj)
         self._rv += 1
@@ -1107,13 +1349,23 @@ class ApiServer(kmock.KubernetesScaffold):
             self._store[key].history.append(stored)
         else:
             self._store[key] = stored
-        self._log.append(_Event(self._rv, event_type, rtype.resource, namespace, meta["name"],
-                                stored, copy.deepcopy(old) if old is not None else None))
+        self._log.append(
+            _Event(
+                self._rv,
+                event_type,
+                rtype.resource,
+                namespace,
+                meta["name"],
+                stored,
+                copy.deepcopy(old) if old is not None else None,
+            )
+        )
         self._log_rvs.append(self._rv)
         self._notify()
         for reactor in self._reactors.get(rtype.resource, ()):
-            asyncio.get_running_loop().call_soon(self._react, reactor, event_type,
-                                                 copy.deepcopy(stored))
+            asyncio.get_running_loop().call_soon(
+                self._react, reactor, event_type, copy.deepcopy(stored)
+            )
         return copy.deepcopy(stored)
 
     def _react(self, reactor: Reactor, event_type: str, obj: JsonObject) -> None:
@@ -1138,9 +1390,16 @@ class ApiServer(kmock.KubernetesScaffold):
     def _resolve(self, ref: str) -> ResourceType:
         """'apps/v1/deployments', 'v1/pods', 'deployments', 'deployments.apps' or 'Deployment'."""
         found = {
-            rtype for (group, version, plural), rtype in self._types.items()
-            if ref in (f"{group}/{version}/{plural}", f"{version}/{plural}", plural,
-                       f"{plural}.{group}", rtype.kind)
+            rtype
+            for (group, version, plural), rtype in self._types.items()
+            if ref
+            in (
+                f"{group}/{version}/{plural}",
+                f"{version}/{plural}",
+                plural,
+                f"{plural}.{group}",
+                rtype.kind,
+            )
             and not (group and ref == f"{version}/{plural}")
         }
         if len(found) != 1:
@@ -1150,11 +1409,18 @@ class ApiServer(kmock.KubernetesScaffold):
 
     def _type_of(self, obj: Mapping[str, Any]) -> ResourceType:
         group, _, version = str(obj.get("apiVersion", "")).rpartition("/")
-        rtype = next((t for (g, v, _), t in self._types.items()
-                      if (g, v) == (group, version) and t.kind == obj.get("kind")), None)
+        rtype = next(
+            (
+                t
+                for (g, v, _), t in self._types.items()
+                if (g, v) == (group, version) and t.kind == obj.get("kind")
+            ),
+            None,
+        )
         if rtype is None:
-            raise KeyError(f"no registered resource for {obj.get('kind')} "
-                           f"({obj.get('apiVersion')})")
+            raise KeyError(
+                f"no registered resource for {obj.get('kind')} ({obj.get('apiVersion')})"
+            )
         return rtype
 
 
@@ -1170,33 +1436,84 @@ def register_standard_resources(server: ApiServer, *, validate: bool = True) -> 
         path: Path = schemas.CRD_FILES[group, kind]
         return schemas.openapi_schema(path, version, kind) if validate and path.exists() else None
 
-    pod_fields = ("spec.nodeName", "spec.restartPolicy", "spec.schedulerName",
-                  "spec.serviceAccountName", "status.phase", "status.podIP",
-                  "status.nominatedNodeName")
-    event_fields = ("involvedObject.kind", "involvedObject.namespace", "involvedObject.name",
-                    "involvedObject.uid", "involvedObject.apiVersion",
-                    "involvedObject.resourceVersion", "involvedObject.fieldPath", "reason",
-                    "reportingComponent", "source", "type")
+    pod_fields = (
+        "spec.nodeName",
+        "spec.restartPolicy",
+        "spec.schedulerName",
+        "spec.serviceAccountName",
+        "status.phase",
+        "status.podIP",
+        "status.nominatedNodeName",
+    )
+    event_fields = (
+        "involvedObject.kind",
+        "involvedObject.namespace",
+        "involvedObject.name",
+        "involvedObject.uid",
+        "involvedObject.apiVersion",
+        "involvedObject.resourceVersion",
+        "involvedObject.fieldPath",
+        "reason",
+        "reportingComponent",
+        "source",
+        "type",
+    )
     server.register("", "v1", "pods", "Pod", schema=builtin, field_labels=pod_fields)
     server.register("", "v1", "services", "Service", schema=builtin, name_rule=_DNS1035)
     server.register("", "v1", "configmaps", "ConfigMap", status_subresource=False, schema=builtin)
-    server.register("", "v1", "events", "Event", status_subresource=False, schema=builtin,
-                    allow_create_on_update=True, field_labels=event_fields)
-    server.register("events.k8s.io", "v1", "events", "Event", status_subresource=False,
-                    schema=builtin, allow_create_on_update=True)
+    server.register(
+        "",
+        "v1",
+        "events",
+        "Event",
+        status_subresource=False,
+        schema=builtin,
+        allow_create_on_update=True,
+        field_labels=event_fields,
+    )
+    server.register(
+        "events.k8s.io",
+        "v1",
+        "events",
+        "Event",
+        status_subresource=False,
+        schema=builtin,
+        allow_create_on_update=True,
+    )
     server.register("apps", "v1", "deployments", "Deployment", schema=builtin)
     server.register("apps", "v1", "replicasets", "ReplicaSet", schema=builtin)
     server.register("networking.k8s.io", "v1", "ingresses", "Ingress", schema=builtin)
-    server.register("coordination.k8s.io", "v1", "leases", "Lease", status_subresource=False,
-                    schema=builtin)
-    server.register("codedance.io", "v1alpha1", "canarydeployments", "CanaryDeployment",
-                    schema=crd("codedance.io", "CanaryDeployment", "v1alpha1"))
-    server.register("networking.istio.io", "v1", "virtualservices", "VirtualService",
-                    schema=crd("networking.istio.io", "VirtualService", "v1"),
-                    also_served=("v1beta1", "v1alpha3"))
-    server.register("networking.istio.io", "v1", "destinationrules", "DestinationRule",
-                    schema=crd("networking.istio.io", "DestinationRule", "v1"),
-                    also_served=("v1beta1", "v1alpha3"))
-    server.register("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute",
-                    schema=crd("gateway.networking.k8s.io", "HTTPRoute", "v1"),
-                    also_served=("v1beta1",))
+    server.register(
+        "coordination.k8s.io", "v1", "leases", "Lease", status_subresource=False, schema=builtin
+    )
+    server.register(
+        "codedance.io",
+        "v1alpha1",
+        "canarydeployments",
+        "CanaryDeployment",
+        schema=crd("codedance.io", "CanaryDeployment", "v1alpha1"),
+    )
+    server.register(
+        "networking.istio.io",
+        "v1",
+        "virtualservices",
+        "VirtualService",
+        schema=crd("networking.istio.io", "VirtualService", "v1"),
+        also_served=("v1beta1", "v1alpha3"),
+    )
+    server.register(
+        "networking.istio.io",
+        "v1",
+        "destinationrules",
+        "DestinationRule",
+        schema=crd("networking.istio.io", "DestinationRule", "v1"),
+        also_served=("v1beta1", "v1alpha3"),
+    )
+    server.register(
+        "gateway.networking.k8s.io",
+        "v1",
+        "httproutes",
+        "HTTPRoute",
+        schema=crd("gateway.networking.k8s.io", "HTTPRoute", "v1"),
+        also_served=("v1beta1",),
+    )

@@ -55,8 +55,12 @@ def kubeconfig(apiserver: ApiServer, tmp_path: Path) -> Path:
         "kind": "Config",
         "clusters": [{"name": "double", "cluster": {"server": server_url(apiserver)}}],
         "users": [{"name": USER, "user": {"token": "test-token"}}],
-        "contexts": [{"name": "double", "context": {"cluster": "double", "user": USER,
-                                                     "namespace": NAMESPACE}}],
+        "contexts": [
+            {
+                "name": "double",
+                "context": {"cluster": "double", "user": USER, "namespace": NAMESPACE},
+            }
+        ],
         "current-context": "double",
     }
     path.write_text(yaml.safe_dump(document), encoding="utf-8")
@@ -67,6 +71,7 @@ def kubeconfig(apiserver: ApiServer, tmp_path: Path) -> Path:
 async def kubeconfig_client(kubeconfig: Path) -> AsyncIterator[client.ApiClient]:
     configuration = client.Configuration()
     await config.load_kube_config(  # type: ignore[no-untyped-call]
-        config_file=str(kubeconfig), client_configuration=configuration, persist_config=False)
+        config_file=str(kubeconfig), client_configuration=configuration, persist_config=False
+    )
     async with client.ApiClient(configuration) as api:
         yield api

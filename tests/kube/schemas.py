@@ -203,7 +203,8 @@ def apply_defaults(schema: Mapping[str, Any], value: Any) -> None:
 
 
 def _violation(
-    error: jsonschema.exceptions.ValidationError, obj: Mapping[str, Any],
+    error: jsonschema.exceptions.ValidationError,
+    obj: Mapping[str, Any],
 ) -> SchemaViolation:
     """The most relevant error, with its path extended to the field actually at fault."""
     path: list[str | int] = list(error.absolute_path)

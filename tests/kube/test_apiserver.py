@@ -37,10 +37,18 @@ def virtual_service(name: str = "reviews", canary: int = 0, **meta: Any) -> dict
         "metadata": {"name": name, **meta},
         "spec": {
             "hosts": ["reviews"],
-            "http": [{"name": "primary", "route": [
-                {"destination": {"host": "reviews", "subset": "stable"}, "weight": 100 - canary},
-                {"destination": {"host": "reviews", "subset": "canary"}, "weight": canary},
-            ]}],
+            "http": [
+                {
+                    "name": "primary",
+                    "route": [
+                        {
+                            "destination": {"host": "reviews", "subset": "stable"},
+                            "weight": 100 - canary,
+                        },
+                        {"destination": {"host": "reviews", "subset": "canary"}, "weight": canary},
+                    ],
+                }
+            ],
         },
     }
 
@@ -52,8 +60,14 @@ def http_route(name: str = "web") -> dict[str, Any]:
         "metadata": {"name": name, "namespace": NS},
         "spec": {
             "parentRefs": [{"name": "gateway"}],
-            "rules": [{"backendRefs": [{"name": "web-stable", "port": 80, "weight": 90},
-                                       {"name": "web-canary", "port": 80, "weight": 10}]}],
+            "rules": [
+                {
+                    "backendRefs": [
+                        {"name": "web-stable", "port": 80, "weight": 90},
+                        {"name": "web-canary", "port": 80, "weight": 10},
+                    ]
+                }
+            ],
         },
     }
 
@@ -62,11 +76,30 @@ def ingress(name: str = "web") -> dict[str, Any]:
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "Ingress",
-        "metadata": {"name": name, "namespace": NS,
-                     "annotations": {"nginx.ingress.kubernetes.io/canary": "true"}},
-        "spec": {"ingressClassName": "nginx", "rules": [{"host": "web.example", "http": {
-            "paths": [{"path": "/", "pathType": "Prefix", "backend": {
-                "service": {"name": "web-canary", "port": {"number": 80}}}}]}}]},
+        "metadata": {
+            "name": name,
+            "namespace": NS,
+            "annotations": {"nginx.ingress.kubernetes.io/canary": "true"},
+        },
+        "spec": {
+            "ingressClassName": "nginx",
+            "rules": [
+                {
+                    "host": "web.example",
+                    "http": {
+                        "paths": [
+                            {
+                                "path": "/",
+                                "pathType": "Prefix",
+                                "backend": {
+                                    "service": {"name": "web-canary", "port": {"number": 80}}
+                                },
+                            }
+                        ]
+                    },
+                }
+            ],
+        },
     }
 
 
@@ -114,7 +147,8 @@ def stored(apiserver: ApiServer, ref: str, name: str) -> dict[str, Any]:
 
 async def create_vs(api: client.ApiClient, body: dict[str, Any]) -> dict[str, Any]:
     created: dict[str, Any] = await custom(api).create_namespaced_custom_object(
-        *ISTIO, NS, "virtualservices", body)
+        *ISTIO, NS, "virtualservices", body
+    )
     return created
 
 
@@ -123,9 +157,11 @@ async def create_vs(api: client.ApiClient, body: dict[str, Any]) -> dict[str, An
 
 @pytest.mark.asyncio
 async def test_create_answers_201_and_a_second_create_409(
-        apiserver: ApiServer, kube_client: client.ApiClient) -> None:
+    apiserver: ApiServer, kube_client: client.ApiClient
+) -> None:
     answer = await custom(kube_client).create_namespaced_custom_object_with_http_info(
-        *ISTIO, NS, "virtualservices", virtual_service())
+        *ISTIO, NS, "virtualservices", virtual_service()
+    )
     assert answer.status_code == 201
     meta = answer.data["metadata"]
     assert meta["namespace"] == NS and meta["generation"] == 1
@@ -137,7 +173,10 @@ async def test_create_answers_201_and_a_second_create_409(
     assert error.status == 409
     assert status_of(error)["reason"] == "AlreadyExists"
     assert status_of(error)["details"] == {
-        "name": "reviews", "group": "networking.istio.io", "kind": "virtualservices"}
+        "name": "reviews",
+        "group": "networking.istio.io",
+        "kind": "virtualservices",
+    }
     assert [call.status for call in apiserver.calls] == [201, 409]
 
 
@@ -153,7 +192,8 @@ async def test_get_of_a_missing_object_is_a_404_status(kube_client: client.ApiCl
 
 @pytest.mark.asyncio
 async def test_replace_with_a_stale_resource_version_is_a_409_conflict(
-        apiserver: ApiServer, kube_client: client.ApiClient) -> None:
+    apiserver: ApiServer, kube_client: client.ApiClient
+) -> None:
     apps = client.AppsV1Api(kube_client)
     created: Any = await apps.create_namespaced_deployment(NS, deployment())
     await apps.patch_namespaced_deployment("web", NS, {"spec": {"replicas": 5}})  # someone else
@@ -178,10 +218,14 @@ async def test_replace_with_a_stale_resource_version_is_a_409_conflict(
 
 @pytest.mark.asyncio
 async def test_a_custom_resource_replace_needs_a_resource_version(
-        kube_client: client.ApiClient) -> None:
+    kube_client: client.ApiClient,
+) -> None:
     await create_vs(kube_client, virtual_service())
-    error = await raises(custom(kube_client).replace_namespaced_custom_object(
-        *ISTIO, NS, "virtualservices", "reviews", virtual_service(canary=10)))
+    error = await raises(
+        custom(kube_client).replace_namespaced_custom_object(
+            *ISTIO, NS, "virtualservices", "reviews", virtual_service(canary=10)
+        )
+    )
     assert error.status == 422
     assert status_of(error)["details"]["causes"][0]["field"] == "metadata.resourceVersion"
 
@@ -190,8 +234,11 @@ async def test_a_custom_resource_replace_needs_a_resource_version(
 async def test_events_may_be_created_by_put_with_201(kube_client: client.ApiClient) -> None:
     core = client.CoreV1Api(kube_client)
     event = client.CoreV1Event(
-        metadata=client.V1ObjectMeta(name="web.1"), reason="Promoted", message="weight 100",
-        involved_object=client.V1ObjectReference(kind="CanaryDeployment", name="web"))
+        metadata=client.V1ObjectMeta(name="web.1"),
+        reason="Promoted",
+        message="weight 100",
+        involved_object=client.V1ObjectReference(kind="CanaryDeployment", name="web"),
+    )
     answer = await core.replace_namespaced_event_with_http_info("web.1", NS, event)
     assert answer.status_code == 201
     again = await core.replace_namespaced_event_with_http_info("web.1", NS, event)
@@ -203,7 +250,8 @@ async def test_events_may_be_created_by_put_with_201(kube_client: client.ApiClie
 
 @pytest.mark.asyncio
 async def test_status_subresource_and_generation(
-        apiserver: ApiServer, kube_client: client.ApiClient) -> None:
+    apiserver: ApiServer, kube_client: client.ApiClient
+) -> None:
     api = custom(kube_client)
     created = await create_vs(kube_client, {**virtual_service(), "status": {"ignored": True}})
     assert "status" not in created  # status is only written through /status
@@ -211,15 +259,23 @@ async def test_status_subresource_and_generation(
 
     # The main endpoint ignores .status; a label change is not a spec change.
     labelled = await api.patch_namespaced_custom_object(
-        *ISTIO, NS, "virtualservices", "reviews",
-        {"metadata": {"labels": {"team": "web"}}, "status": {"observedGeneration": 7}})
+        *ISTIO,
+        NS,
+        "virtualservices",
+        "reviews",
+        {"metadata": {"labels": {"team": "web"}}, "status": {"observedGeneration": 7}},
+    )
     assert "status" not in labelled and labelled["metadata"]["generation"] == 1
     assert int(labelled["metadata"]["resourceVersion"]) > rv
 
     # /status changes only .status, and never the generation.
     with_status = await api.patch_namespaced_custom_object_status(
-        *ISTIO, NS, "virtualservices", "reviews",
-        {"status": {"observedGeneration": 1}, "spec": {"hosts": ["ignored"]}})
+        *ISTIO,
+        NS,
+        "virtualservices",
+        "reviews",
+        {"status": {"observedGeneration": 1}, "spec": {"hosts": ["ignored"]}},
+    )
     assert with_status["status"] == {"observedGeneration": 1}
     assert with_status["spec"]["hosts"] == ["reviews"]
     assert with_status["metadata"]["generation"] == 1
@@ -227,17 +283,24 @@ async def test_status_subresource_and_generation(
 
     # A spec change bumps the generation and keeps the status.
     moved = await api.patch_namespaced_custom_object(
-        *ISTIO, NS, "virtualservices", "reviews",
-        [{"op": "replace", "path": "/spec/http/0/route/1/weight", "value": 10},
-         {"op": "replace", "path": "/spec/http/0/route/0/weight", "value": 90}],
-        _content_type="application/json-patch+json")
+        *ISTIO,
+        NS,
+        "virtualservices",
+        "reviews",
+        [
+            {"op": "replace", "path": "/spec/http/0/route/1/weight", "value": 10},
+            {"op": "replace", "path": "/spec/http/0/route/0/weight", "value": 90},
+        ],
+        _content_type="application/json-patch+json",
+    )
     assert moved["metadata"]["generation"] == 2 and moved["status"] == {"observedGeneration": 1}
 
     # A write that changes nothing stores nothing: same resourceVersion, no new version.
     history = apiserver.objects["networking.istio.io/v1/virtualservices", NS, "reviews"].history
     versions = len(history)
     same = await api.patch_namespaced_custom_object(
-        *ISTIO, NS, "virtualservices", "reviews", {"spec": {"hosts": ["reviews"]}})
+        *ISTIO, NS, "virtualservices", "reviews", {"spec": {"hosts": ["reviews"]}}
+    )
     assert same["metadata"]["resourceVersion"] == moved["metadata"]["resourceVersion"]
     assert len(history) == versions
 
@@ -247,8 +310,9 @@ async def test_deployment_status_through_the_typed_client(kube_client: client.Ap
     apps = client.AppsV1Api(kube_client)
     await apps.create_namespaced_deployment(NS, deployment())
     current: Any = await apps.read_namespaced_deployment_status("web", NS)
-    current.status = client.V1DeploymentStatus(observed_generation=1, ready_replicas=2,
-                                               replicas=2, updated_replicas=2)
+    current.status = client.V1DeploymentStatus(
+        observed_generation=1, ready_replicas=2, replicas=2, updated_replicas=2
+    )
     updated: Any = await apps.replace_namespaced_deployment_status("web", NS, current)
     assert updated.status.ready_replicas == 2 and updated.metadata.generation == 1
 
@@ -263,30 +327,46 @@ async def test_deployment_status_through_the_typed_client(kube_client: client.Ap
 async def test_patch_content_types(kube_client: client.ApiClient) -> None:
     api = custom(kube_client)
     await create_vs(kube_client, virtual_service())
-    failed_test = await raises(api.patch_namespaced_custom_object(
-        *ISTIO, NS, "virtualservices", "reviews",
-        [{"op": "test", "path": "/spec/http/0/route/1/weight", "value": 50}],
-        _content_type="application/json-patch+json"))
+    failed_test = await raises(
+        api.patch_namespaced_custom_object(
+            *ISTIO,
+            NS,
+            "virtualservices",
+            "reviews",
+            [{"op": "test", "path": "/spec/http/0/route/1/weight", "value": 50}],
+            _content_type="application/json-patch+json",
+        )
+    )
     assert failed_test.status == 422
-    strategic = await raises(api.patch_namespaced_custom_object(
-        *ISTIO, NS, "virtualservices", "reviews", {"spec": {"hosts": ["x"]}},
-        _content_type="application/strategic-merge-patch+json"))
+    strategic = await raises(
+        api.patch_namespaced_custom_object(
+            *ISTIO,
+            NS,
+            "virtualservices",
+            "reviews",
+            {"spec": {"hosts": ["x"]}},
+            _content_type="application/strategic-merge-patch+json",
+        )
+    )
     assert strategic.status == 415  # custom resources have no strategic merge patch
     older = await api.get_namespaced_custom_object(
-        "networking.istio.io", "v1beta1", NS, "virtualservices", "reviews")
+        "networking.istio.io", "v1beta1", NS, "virtualservices", "reviews"
+    )
     assert older["apiVersion"] == "networking.istio.io/v1beta1"  # served versions share storage
 
 
 # ------------------------------------------------------------------------- watch
 
 
-async def collect(stream: watch.Watch, source: Callable[..., Any], count: int,
-                  **kwargs: Any) -> list[tuple[str, str, str]]:
+async def collect(
+    stream: watch.Watch, source: Callable[..., Any], count: int, **kwargs: Any
+) -> list[tuple[str, str, str]]:
     """(type, name, resourceVersion) of the first `count` events."""
     seen: list[tuple[str, str, str]] = []
     async with stream:
         events = stream.stream(  # type: ignore[no-untyped-call]
-            source, *ISTIO, NS, "virtualservices", **kwargs)
+            source, *ISTIO, NS, "virtualservices", **kwargs
+        )
         async for event in events:
             meta = event["raw_object"]["metadata"]
             seen.append((event["type"], meta["name"], meta["resourceVersion"]))
@@ -297,21 +377,33 @@ async def collect(stream: watch.Watch, source: Callable[..., Any], count: int,
 
 @pytest.mark.asyncio
 async def test_watch_from_a_resource_version_streams_the_changes_after_it(
-        apiserver: ApiServer, kube_client: client.ApiClient) -> None:
+    apiserver: ApiServer, kube_client: client.ApiClient
+) -> None:
     api = custom(kube_client)
     await create_vs(kube_client, virtual_service("before"))
     listed = await api.list_namespaced_custom_object(*ISTIO, NS, "virtualservices")
     since = listed["metadata"]["resourceVersion"]
-    watching = asyncio.create_task(collect(new_watch(), api.list_namespaced_custom_object, 3,
-                                           resource_version=since, timeout_seconds=5))
+    watching = asyncio.create_task(
+        collect(
+            new_watch(),
+            api.list_namespaced_custom_object,
+            3,
+            resource_version=since,
+            timeout_seconds=5,
+        )
+    )
     await apiserver.wait_for(lambda: len(apiserver.watches) == 1)
     await create_vs(kube_client, virtual_service())
-    await api.patch_namespaced_custom_object(*ISTIO, NS, "virtualservices", "reviews",
-                                             {"metadata": {"labels": {"a": "b"}}})
+    await api.patch_namespaced_custom_object(
+        *ISTIO, NS, "virtualservices", "reviews", {"metadata": {"labels": {"a": "b"}}}
+    )
     await api.delete_namespaced_custom_object(*ISTIO, NS, "virtualservices", "reviews")
     events = await asyncio.wait_for(watching, 5)
     assert [(kind, name) for kind, name, _ in events] == [
-        ("ADDED", "reviews"), ("MODIFIED", "reviews"), ("DELETED", "reviews")]
+        ("ADDED", "reviews"),
+        ("MODIFIED", "reviews"),
+        ("DELETED", "reviews"),
+    ]
     versions = [int(rv) for _, _, rv in events]
     assert versions == sorted(versions) and versions[0] > int(since)
     await apiserver.wait_for(lambda: not apiserver.watches)  # the client hung up
@@ -319,48 +411,75 @@ async def test_watch_from_a_resource_version_streams_the_changes_after_it(
 
 @pytest.mark.asyncio
 async def test_a_selected_watch_sees_objects_enter_and_leave_the_selection(
-        apiserver: ApiServer, kube_client: client.ApiClient) -> None:
+    apiserver: ApiServer, kube_client: client.ApiClient
+) -> None:
     api = custom(kube_client)
-    watching = asyncio.create_task(collect(
-        new_watch(), api.list_namespaced_custom_object, 2, label_selector="track=canary",
-        resource_version=str(apiserver.resource_version), timeout_seconds=5))
+    watching = asyncio.create_task(
+        collect(
+            new_watch(),
+            api.list_namespaced_custom_object,
+            2,
+            label_selector="track=canary",
+            resource_version=str(apiserver.resource_version),
+            timeout_seconds=5,
+        )
+    )
     await apiserver.wait_for(lambda: len(apiserver.watches) == 1)
     await create_vs(kube_client, virtual_service("other"))  # never selected: no event
     await create_vs(kube_client, virtual_service(labels={"track": "stable"}))
     for track in ("canary", "stable"):
-        await api.patch_namespaced_custom_object(*ISTIO, NS, "virtualservices", "reviews",
-                                                 {"metadata": {"labels": {"track": track}}})
+        await api.patch_namespaced_custom_object(
+            *ISTIO, NS, "virtualservices", "reviews", {"metadata": {"labels": {"track": track}}}
+        )
     events = await asyncio.wait_for(watching, 5)
     assert [(kind, name) for kind, name, _ in events] == [
-        ("ADDED", "reviews"), ("DELETED", "reviews")]
+        ("ADDED", "reviews"),
+        ("DELETED", "reviews"),
+    ]
 
 
 @pytest.mark.asyncio
 async def test_a_watch_without_a_position_starts_with_the_current_objects(
-        kube_client: client.ApiClient) -> None:
+    kube_client: client.ApiClient,
+) -> None:
     await create_vs(kube_client, virtual_service("a"))
     await create_vs(kube_client, virtual_service("b"))
-    events = await collect(new_watch(), custom(kube_client).list_namespaced_custom_object, 2,
-                           timeout_seconds=5)
+    events = await collect(
+        new_watch(), custom(kube_client).list_namespaced_custom_object, 2, timeout_seconds=5
+    )
     assert [(kind, name) for kind, name, _ in events] == [("ADDED", "a"), ("ADDED", "b")]
 
 
 @pytest.mark.asyncio
 async def test_a_compacted_resource_version_answers_410_and_a_relist_resumes(
-        apiserver: ApiServer, kube_client: client.ApiClient) -> None:
+    apiserver: ApiServer, kube_client: client.ApiClient
+) -> None:
     api = custom(kube_client)
     old = (await create_vs(kube_client, virtual_service("a")))["metadata"]["resourceVersion"]
     await create_vs(kube_client, virtual_service("b"))
     apiserver.compact()
-    error = await raises(collect(new_watch(), api.list_namespaced_custom_object, 1,
-                                 resource_version=old, timeout_seconds=5))
+    error = await raises(
+        collect(
+            new_watch(),
+            api.list_namespaced_custom_object,
+            1,
+            resource_version=old,
+            timeout_seconds=5,
+        )
+    )
     assert error.status == 410 and "too old resource version" in str(error.reason)
 
     relisted = await api.list_namespaced_custom_object(*ISTIO, NS, "virtualservices")
     assert [item["metadata"]["name"] for item in relisted["items"]] == ["a", "b"]
-    watching = asyncio.create_task(collect(
-        new_watch(), api.list_namespaced_custom_object, 1,
-        resource_version=relisted["metadata"]["resourceVersion"], timeout_seconds=5))
+    watching = asyncio.create_task(
+        collect(
+            new_watch(),
+            api.list_namespaced_custom_object,
+            1,
+            resource_version=relisted["metadata"]["resourceVersion"],
+            timeout_seconds=5,
+        )
+    )
     await apiserver.wait_for(lambda: len(apiserver.watches) == 1)
     await create_vs(kube_client, virtual_service("c"))
     assert [name for _, name, _ in await asyncio.wait_for(watching, 5)] == ["c"]
@@ -368,22 +487,31 @@ async def test_a_compacted_resource_version_answers_410_and_a_relist_resumes(
 
 @pytest.mark.asyncio
 async def test_the_next_watch_can_be_told_to_answer_410(
-        apiserver: ApiServer, kube_client: client.ApiClient) -> None:
+    apiserver: ApiServer, kube_client: client.ApiClient
+) -> None:
     apiserver.expire_next_watch()
-    error = await raises(collect(new_watch(), custom(kube_client).list_namespaced_custom_object,
-                                 1, resource_version=str(apiserver.resource_version),
-                                 timeout_seconds=5))
+    error = await raises(
+        collect(
+            new_watch(),
+            custom(kube_client).list_namespaced_custom_object,
+            1,
+            resource_version=str(apiserver.resource_version),
+            timeout_seconds=5,
+        )
+    )
     assert error.status == 410
     assert [call.query.get("watch") for call in apiserver.calls] == ["true"]
 
 
 @pytest.mark.asyncio
 async def test_a_closed_watch_is_resumed_by_the_client_without_losing_events(
-        apiserver: ApiServer, kube_client: client.ApiClient) -> None:
+    apiserver: ApiServer, kube_client: client.ApiClient
+) -> None:
     api = custom(kube_client)
     start = str(apiserver.resource_version)
-    watching = asyncio.create_task(collect(new_watch(), api.list_namespaced_custom_object, 3,
-                                           resource_version=start))  # no timeout: re-watches
+    watching = asyncio.create_task(
+        collect(new_watch(), api.list_namespaced_custom_object, 3, resource_version=start)
+    )  # no timeout: re-watches
     await apiserver.wait_for(lambda: len(apiserver.watches) == 1)
     await create_vs(kube_client, virtual_service("a"))
     apiserver.close_watches()  # the stream still carries "a" before it ends
@@ -401,20 +529,28 @@ async def test_a_closed_watch_is_resumed_by_the_client_without_losing_events(
 
 @pytest.mark.asyncio
 async def test_finalizers_hold_a_deleted_object_until_they_are_removed(
-        apiserver: ApiServer, kube_client: client.ApiClient) -> None:
+    apiserver: ApiServer, kube_client: client.ApiClient
+) -> None:
     api = custom(kube_client)
     await create_vs(kube_client, virtual_service(finalizers=["codedance.io/restore-traffic"]))
     await api.delete_namespaced_custom_object(*ISTIO, NS, "virtualservices", "reviews")
     held = await api.get_namespaced_custom_object(*ISTIO, NS, "virtualservices", "reviews")
     assert held["metadata"]["deletionTimestamp"]
 
-    more = await raises(api.patch_namespaced_custom_object(
-        *ISTIO, NS, "virtualservices", "reviews",
-        {"metadata": {"finalizers": ["codedance.io/restore-traffic", "other"]}}))
+    more = await raises(
+        api.patch_namespaced_custom_object(
+            *ISTIO,
+            NS,
+            "virtualservices",
+            "reviews",
+            {"metadata": {"finalizers": ["codedance.io/restore-traffic", "other"]}},
+        )
+    )
     assert more.status == 422
 
-    await api.patch_namespaced_custom_object(*ISTIO, NS, "virtualservices", "reviews",
-                                             {"metadata": {"finalizers": None}})
+    await api.patch_namespaced_custom_object(
+        *ISTIO, NS, "virtualservices", "reviews", {"metadata": {"finalizers": None}}
+    )
     gone = await raises(api.get_namespaced_custom_object(*ISTIO, NS, "virtualservices", "reviews"))
     assert gone.status == 404
     assert apiserver.objects["networking.istio.io/v1/virtualservices", NS, "reviews"].deleted
@@ -427,11 +563,14 @@ async def test_finalizers_hold_a_deleted_object_until_they_are_removed(
 @pytest.mark.asyncio
 async def test_label_selectors(kube_client: client.ApiClient) -> None:
     core = client.CoreV1Api(kube_client)
-    for name, labels in [("s", {"app": "web", "track": "stable"}),
-                         ("c", {"app": "web", "track": "canary"}),
-                         ("o", {"app": "other"})]:
+    for name, labels in [
+        ("s", {"app": "web", "track": "stable"}),
+        ("c", {"app": "web", "track": "canary"}),
+        ("o", {"app": "other"}),
+    ]:
         await core.create_namespaced_config_map(
-            NS, client.V1ConfigMap(metadata=client.V1ObjectMeta(name=name, labels=labels)))
+            NS, client.V1ConfigMap(metadata=client.V1ObjectMeta(name=name, labels=labels))
+        )
 
     async def names(selector: str) -> list[str]:
         found: Any = await core.list_namespaced_config_map(NS, label_selector=selector)
@@ -449,27 +588,35 @@ async def test_label_selectors(kube_client: client.ApiClient) -> None:
 
     page: Any = await core.list_namespaced_config_map(NS, limit=2)
     assert [item.metadata.name for item in page.items] == ["c", "o"]
-    rest: Any = await core.list_namespaced_config_map(NS, limit=2,
-                                                      _continue=page.metadata._continue)
+    rest: Any = await core.list_namespaced_config_map(
+        NS, limit=2, _continue=page.metadata._continue
+    )
     assert [item.metadata.name for item in rest.items] == ["s"]
 
 
 @pytest.mark.asyncio
 async def test_a_cluster_scoped_resource_registered_at_runtime(
-        apiserver: ApiServer, kube_client: client.ApiClient) -> None:
-    apiserver.register("example.com", "v1", "widgets", "Widget", namespaced=False,
-                       status_subresource=False)
+    apiserver: ApiServer, kube_client: client.ApiClient
+) -> None:
+    apiserver.register(
+        "example.com", "v1", "widgets", "Widget", namespaced=False, status_subresource=False
+    )
     api = custom(kube_client)
-    body = {"apiVersion": "example.com/v1", "kind": "Widget",
-            "metadata": {"name": "w", "namespace": "ignored"}, "spec": {"size": 1}}
+    body = {
+        "apiVersion": "example.com/v1",
+        "kind": "Widget",
+        "metadata": {"name": "w", "namespace": "ignored"},
+        "spec": {"size": 1},
+    }
     created = await api.create_cluster_custom_object("example.com", "v1", "widgets", body)
     assert "namespace" not in created["metadata"]
     read = await api.get_cluster_custom_object("example.com", "v1", "widgets", "w")
     assert read["spec"] == {"size": 1}
     listed = await api.list_cluster_custom_object("example.com", "v1", "widgets")
     assert [item["metadata"]["name"] for item in listed["items"]] == ["w"]
-    namespaced = await raises(api.get_namespaced_custom_object(
-        "example.com", "v1", NS, "widgets", "w"))
+    namespaced = await raises(
+        api.get_namespaced_custom_object("example.com", "v1", NS, "widgets", "w")
+    )
     assert namespaced.status == 404
     unknown = await raises(api.list_cluster_custom_object("example.com", "v1", "gadgets"))
     assert unknown.status == 404
@@ -477,10 +624,13 @@ async def test_a_cluster_scoped_resource_registered_at_runtime(
 
 @pytest.mark.asyncio
 async def test_delete_preconditions_generate_name_dry_run_and_field_selectors(
-        apiserver: ApiServer, kube_client: client.ApiClient) -> None:
+    apiserver: ApiServer, kube_client: client.ApiClient
+) -> None:
     core = client.CoreV1Api(kube_client)
-    made: Any = await core.create_namespaced_config_map(NS, client.V1ConfigMap(
-        metadata=client.V1ObjectMeta(generate_name="policy-"), data={"a": "1"}))
+    made: Any = await core.create_namespaced_config_map(
+        NS,
+        client.V1ConfigMap(metadata=client.V1ObjectMeta(generate_name="policy-"), data={"a": "1"}),
+    )
     name = made.metadata.name
     assert re.fullmatch(r"policy-[bcdfghjklmnpqrstvwxz2456789]{5}", name)
 
@@ -503,7 +653,8 @@ async def test_delete_preconditions_generate_name_dry_run_and_field_selectors(
 
 @pytest.mark.asyncio
 async def test_a_kmock_reaction_answers_before_the_emulation(
-        apiserver: ApiServer, kube_client: client.ApiClient) -> None:
+    apiserver: ApiServer, kube_client: client.ApiClient
+) -> None:
     apps = client.AppsV1Api(kube_client)
     await apps.create_namespaced_deployment(NS, deployment())
     apiserver["get /apis/apps/v1/namespaces/default/deployments/web"] << 418
@@ -518,7 +669,8 @@ async def test_a_kmock_reaction_answers_before_the_emulation(
 
 @pytest.mark.asyncio
 async def test_injected_faults_reach_the_client(
-        apiserver: ApiServer, kube_client: client.ApiClient) -> None:
+    apiserver: ApiServer, kube_client: client.ApiClient
+) -> None:
     apps = client.AppsV1Api(kube_client)
     await apps.create_namespaced_deployment(NS, deployment())
     apiserver.fail(429, method="GET", path="/apis/apps/v1/namespaces/*/deployments/web", times=2)
@@ -543,28 +695,39 @@ async def test_injected_faults_reach_the_client(
 
 @pytest.mark.asyncio
 async def test_requests_are_recorded_for_counting_writes(
-        apiserver: ApiServer, kube_client: client.ApiClient) -> None:
+    apiserver: ApiServer, kube_client: client.ApiClient
+) -> None:
     api = custom(kube_client)
     await create_vs(kube_client, virtual_service())
     for weight in (10, 50, 100):
         await api.patch_namespaced_custom_object(
-            *ISTIO, NS, "virtualservices", "reviews",
-            [{"op": "replace", "path": "/spec/http/0/route/1/weight", "value": weight},
-             {"op": "replace", "path": "/spec/http/0/route/0/weight", "value": 100 - weight}],
-            _content_type="application/json-patch+json")
+            *ISTIO,
+            NS,
+            "virtualservices",
+            "reviews",
+            [
+                {"op": "replace", "path": "/spec/http/0/route/1/weight", "value": weight},
+                {"op": "replace", "path": "/spec/http/0/route/0/weight", "value": 100 - weight},
+            ],
+            _content_type="application/json-patch+json",
+        )
     apiserver.fail(503, method="PATCH")
     await raises(api.patch_namespaced_custom_object(*ISTIO, NS, "virtualservices", "reviews", {}))
     await api.get_namespaced_custom_object(*ISTIO, NS, "virtualservices", "reviews")
 
-    patches = [call for call in apiserver.writes("virtualservices", name="reviews")
-               if call.method == "PATCH"]
+    patches = [
+        call
+        for call in apiserver.writes("virtualservices", name="reviews")
+        if call.method == "PATCH"
+    ]
     assert [call.body[0]["value"] for call in patches] == [10, 50, 100]
     assert len(apiserver.writes("virtualservices")) == 4  # the create and three patches
     assert len(apiserver.writes("virtualservices", ok=False)) == 1
     assert len(apiserver["patch"]) == 4  # kmock's own view of the same journal
     history = apiserver.objects["networking.istio.io/v1/virtualservices", NS, "reviews"].history
-    weights = [version["spec"]["http"][0]["route"][1]["weight"] if version else None
-               for version in history]
+    weights = [
+        version["spec"]["http"][0]["route"][1]["weight"] if version else None for version in history
+    ]
     assert weights == [0, 10, 50, 100]
 
 
@@ -573,7 +736,8 @@ async def test_requests_are_recorded_for_counting_writes(
 
 @pytest.mark.asyncio
 async def test_schema_violations_are_422_invalid_naming_the_field(
-        apiserver: ApiServer, kube_client: client.ApiClient) -> None:
+    apiserver: ApiServer, kube_client: client.ApiClient
+) -> None:
     misspelt = virtual_service()
     misspelt["spec"]["http"][0]["route"][1]["wieght"] = 10
     error = await raises(create_vs(kube_client, misspelt))
@@ -586,14 +750,16 @@ async def test_schema_violations_are_422_invalid_naming_the_field(
     # to any group, built-in ones included, so the server's own checks are what is tested.
     def create_ingress(body: dict[str, Any]) -> Any:
         return custom(kube_client).create_namespaced_custom_object(
-            "networking.k8s.io", "v1", NS, "ingresses", body)
+            "networking.k8s.io", "v1", NS, "ingresses", body
+        )
 
     no_path_type = ingress()
     del no_path_type["spec"]["rules"][0]["http"]["paths"][0]["pathType"]
     error = await raises(create_ingress(no_path_type))
     assert error.status == 422
-    assert status_of(error)["details"]["causes"][0]["field"] \
-        == "spec.rules[0].http.paths[0].pathType"
+    assert (
+        status_of(error)["details"]["causes"][0]["field"] == "spec.rules[0].http.paths[0].pathType"
+    )
 
     numeric = ingress()
     numeric["metadata"]["annotations"]["nginx.ingress.kubernetes.io/canary-weight"] = 20
@@ -605,7 +771,8 @@ async def test_schema_violations_are_422_invalid_naming_the_field(
     assert created.metadata.name == "web"
 
     route = await custom(kube_client).create_namespaced_custom_object(
-        *GATEWAY, NS, "httproutes", http_route())
+        *GATEWAY, NS, "httproutes", http_route()
+    )
     assert route["spec"]["rules"][0]["backendRefs"][0]["kind"] == "Service"  # CRD defaults
 
     def no_wildcards(obj: Any) -> None:
@@ -624,11 +791,13 @@ async def test_schema_violations_are_422_invalid_naming_the_field(
 
 @pytest.mark.asyncio
 async def test_kubeconfig_loading_and_leases(
-        apiserver: ApiServer, kubeconfig_client: client.ApiClient) -> None:
+    apiserver: ApiServer, kubeconfig_client: client.ApiClient
+) -> None:
     leases = client.CoordinationV1Api(kubeconfig_client)
-    lease = client.V1Lease(metadata=client.V1ObjectMeta(name="codedance"),
-                           spec=client.V1LeaseSpec(holder_identity="a",
-                                                   lease_duration_seconds=15))
+    lease = client.V1Lease(
+        metadata=client.V1ObjectMeta(name="codedance"),
+        spec=client.V1LeaseSpec(holder_identity="a", lease_duration_seconds=15),
+    )
     created: Any = await leases.create_namespaced_lease(NS, lease)
     created.spec.holder_identity = "b"
     await leases.replace_namespaced_lease("codedance", NS, created)
@@ -651,36 +820,53 @@ async def test_discovery_and_version(kube_client: client.ApiClient) -> None:
 
 @pytest.mark.asyncio
 async def test_a_reactor_plays_the_deployment_controller(
-        apiserver: ApiServer, kube_client: client.ApiClient) -> None:
+    apiserver: ApiServer, kube_client: client.ApiClient
+) -> None:
     def ready(event: str, obj: dict[str, Any]) -> None:
         meta = obj["metadata"]
-        if event != "DELETED" and obj.get("status", {}).get("observedGeneration") \
-                != meta["generation"]:
+        if (
+            event != "DELETED"
+            and obj.get("status", {}).get("observedGeneration") != meta["generation"]
+        ):
             replicas = obj["spec"]["replicas"]
-            apiserver.set_status("deployments", meta["name"], {
-                "observedGeneration": meta["generation"], "replicas": replicas,
-                "readyReplicas": replicas, "updatedReplicas": replicas}, namespace=NS)
+            apiserver.set_status(
+                "deployments",
+                meta["name"],
+                {
+                    "observedGeneration": meta["generation"],
+                    "replicas": replicas,
+                    "readyReplicas": replicas,
+                    "updatedReplicas": replicas,
+                },
+                namespace=NS,
+            )
 
     apiserver.on_write("apps/v1/deployments", ready)
     apps = client.AppsV1Api(kube_client)
     created: Any = await apps.create_namespaced_deployment(NS, deployment())
     assert created.status is None  # the controller acts after the write, as in a cluster
     await apiserver.wait_for(
-        lambda: stored(apiserver, "deployments", "web").get("status", {}).get("readyReplicas") == 2)
+        lambda: stored(apiserver, "deployments", "web").get("status", {}).get("readyReplicas") == 2
+    )
     read: Any = await apps.read_namespaced_deployment("web", NS)
     assert read.status.ready_replicas == 2
 
 
 @pytest.mark.asyncio
 async def test_seeded_objects_keep_their_status_and_reach_watchers(
-        apiserver: ApiServer, kube_client: client.ApiClient) -> None:
-    pod = {"apiVersion": "v1", "kind": "Pod",
-           "metadata": {"name": "web-1", "labels": {"track": "canary"}},
-           "spec": {"containers": [{"name": "web", "image": "web:2"}]},
-           "status": {"phase": "Running"}}
+    apiserver: ApiServer, kube_client: client.ApiClient
+) -> None:
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web-1", "labels": {"track": "canary"}},
+        "spec": {"containers": [{"name": "web", "image": "web:2"}]},
+        "status": {"phase": "Running"},
+    }
     core = client.CoreV1Api(kube_client)
-    watching = asyncio.create_task(collect_pods(core, resource_version=str(
-        apiserver.resource_version)))
+    watching = asyncio.create_task(
+        collect_pods(core, resource_version=str(apiserver.resource_version))
+    )
     await apiserver.wait_for(lambda: len(apiserver.watches) == 1)
     seeded = apiserver.seed(pod)
     assert seeded["metadata"]["namespace"] == NS and seeded["status"] == {"phase": "Running"}
@@ -714,15 +900,25 @@ def test_schema_helpers_accept_valid_objects() -> None:
     schemas.validate_custom(older)
 
 
-@pytest.mark.parametrize(("mutate", "field", "reason"), [
-    (lambda o: o["spec"]["http"][0]["route"][0].update(weight="ninety"),
-     "spec.http[0].route[0].weight", "is not of type 'integer'"),
-    (lambda o: o["spec"]["http"][0].update(retry={"attempts": 3}),
-     "spec.http[0].retry", "unknown field"),
-    (lambda o: o["spec"].update(hosts="reviews"), "spec.hosts", "is not of type 'array'"),
-])
+@pytest.mark.parametrize(
+    ("mutate", "field", "reason"),
+    [
+        (
+            lambda o: o["spec"]["http"][0]["route"][0].update(weight="ninety"),
+            "spec.http[0].route[0].weight",
+            "is not of type 'integer'",
+        ),
+        (
+            lambda o: o["spec"]["http"][0].update(retry={"attempts": 3}),
+            "spec.http[0].retry",
+            "unknown field",
+        ),
+        (lambda o: o["spec"].update(hosts="reviews"), "spec.hosts", "is not of type 'array'"),
+    ],
+)
 def test_custom_schema_violations_name_the_field(
-        mutate: Callable[[dict[str, Any]], None], field: str, reason: str) -> None:
+    mutate: Callable[[dict[str, Any]], None], field: str, reason: str
+) -> None:
     obj = virtual_service()
     mutate(obj)
     with pytest.raises(schemas.SchemaViolation) as caught:
@@ -734,8 +930,9 @@ def test_custom_schema_violations_name_the_field(
 def test_http_route_and_ingress_violations_name_the_field() -> None:
     route = http_route()
     route["spec"]["rules"][0]["backendRefs"][1]["weight"] = 1_000_001
-    with pytest.raises(schemas.SchemaViolation,
-                       match=r"spec\.rules\[0\]\.backendRefs\[1\]\.weight"):
+    with pytest.raises(
+        schemas.SchemaViolation, match=r"spec\.rules\[0\]\.backendRefs\[1\]\.weight"
+    ):
         schemas.validate_custom(route)
     bad = ingress()
     bad["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["port"]["nmber"] = 80
@@ -756,8 +953,7 @@ def test_unknown_kinds_have_no_schema() -> None:
 
 
 def test_strict_schema_follows_the_readme_rules() -> None:
-    strict = schemas.strict_schema(schemas.CRD_FILES["networking.istio.io", "VirtualService"],
-                                   "v1")
+    strict = schemas.strict_schema(schemas.CRD_FILES["networking.istio.io", "VirtualService"], "v1")
     text = json.dumps(strict)
     assert "x-kubernetes-" not in text and '"nullable"' not in text
     route = strict["properties"]["spec"]["properties"]["http"]["items"]["properties"]["route"]
@@ -772,10 +968,14 @@ def test_strict_schema_follows_the_readme_rules() -> None:
 
 def test_vendored_schemas_match_their_checksums() -> None:
     readme = (schemas.SCHEMA_DIR / "README.md").read_text(encoding="utf-8")
-    listed = dict((path, digest) for digest, path in
-                  re.findall(r"`([0-9a-f]{64})` for `([^`]+)`", readme))
-    vendored = {str(path.relative_to(schemas.SCHEMA_DIR)) for path in schemas.CRD_FILES.values()
-                if path.is_relative_to(schemas.SCHEMA_DIR)}
+    listed = dict(
+        (path, digest) for digest, path in re.findall(r"`([0-9a-f]{64})` for `([^`]+)`", readme)
+    )
+    vendored = {
+        str(path.relative_to(schemas.SCHEMA_DIR))
+        for path in schemas.CRD_FILES.values()
+        if path.is_relative_to(schemas.SCHEMA_DIR)
+    }
     assert set(listed) == vendored
     for path, digest in listed.items():
         assert hashlib.sha256((schemas.SCHEMA_DIR / path).read_bytes()).hexdigest() == digest, path
