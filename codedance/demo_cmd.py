@@ -1,8 +1,9 @@
 """`codedance demo` and `codedance run --local`: a real release on this machine.
 
     codedance demo [--scenario healthy|slow|errors|crash] [--router builtin|nginx|NAME]
-                   [--strategy linear|exponential|manual|steps|NAME] [--policy FILE] [--json]
-    codedance run ROLLOUT.yaml --local [--scenario ...] [--router ...] [--json]
+                   [--strategy linear|exponential|manual|steps|NAME] [--policy FILE]
+                   [--prometheus auto|URL] [--json]
+    codedance run ROLLOUT.yaml --local [--scenario ...] [--router ...] [--prometheus ...] [--json]
 
 Both start the local platform (`codedance.local`), show the rollout live in
 the terminal (or print one JSON summary with `--json`) and exit 0 when the
@@ -60,8 +61,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router", default="builtin", metavar="NAME",
                    help="a registered traffic router: builtin, nginx, or a package's")
     p.add_argument("--rate", type=float, default=50.0, help="requests per second (default 50)")
-    p.add_argument("--prometheus", metavar="URL", default=None,
-                   help="read metrics from this Prometheus instead of the router")
+    p.add_argument(
+        "--prometheus", metavar="auto|URL", default=None,
+        help="read traffic metrics from Prometheus instead of the router: `auto` runs one "
+        "here (needs the prometheus program) scraping the services; with the URL of your "
+        "own, the services' ports are written to a file_sd targets file in the run's work "
+        "directory, and a line on stderr gives its path and the scrape job to add",
+    )
     p.add_argument("--json", action="store_true", help="print only a JSON summary")
     p.add_argument("--bad-after", type=float, default=None, metavar="SECONDS",
                    help="when the canary turns bad, after it starts (default 9)")
@@ -123,6 +129,7 @@ def _run(spec: RolloutSpec, policy: CompiledPolicy, args: argparse.Namespace) ->
         "/usr/sbin/nginx"
     ).exists():
         raise UsageError("nginx not found: apt-get install nginx, or use --router builtin")
+    _check_prometheus(args.prometheus)
     try:
         platform = LocalPlatform(
             spec, policy, SCENARIOS[args.scenario], router=args.router, rate=args.rate,
@@ -146,6 +153,21 @@ def _run(spec: RolloutSpec, policy: CompiledPolicy, args: argparse.Namespace) ->
 
         Console().print(summary_panel(summary))
     return 0 if summary.phase == Phase.SUCCEEDED.value else 1
+
+
+def _check_prometheus(value: str | None) -> None:
+    from adapters.local.prometheus import INSTALL_HINT, find_prometheus
+    from codedance.local import AUTO
+
+    if value is None:
+        return
+    if value == AUTO:
+        if find_prometheus() is None:
+            raise UsageError(f"prometheus not found: {INSTALL_HINT}")
+    elif not value.startswith(("http://", "https://")):
+        raise UsageError(
+            f"--prometheus: `auto` or a URL such as http://localhost:9090, not {value!r}"
+        )
 
 
 async def _drive(platform: Any, *, quiet: bool, manual: bool) -> Any:

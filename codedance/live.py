@@ -45,7 +45,15 @@ def live_panel(platform: LocalPlatform) -> Panel:
         ("   canary weight ", "dim"), (f"{status.weight}%", "bold"),
         ("   elapsed ", "dim"), format_duration(round(now - started, 1)),
     )
-    tracks = Table(box=None, pad_edge=False, show_header=True, header_style="dim")
+    caption = (
+        "measured by the router; the policy reads Prometheus"
+        if platform.prometheus
+        else None
+    )
+    tracks = Table(
+        box=None, pad_edge=False, show_header=True, header_style="dim", caption=caption,
+        caption_style="dim",
+    )
     tracks.add_column("track")
     tracks.add_column("p99", justify="right")
     tracks.add_column("error rate", justify="right")
@@ -114,5 +122,6 @@ def summary_panel(summary: Summary) -> Panel:
             ("after the rollback, requests by track: ", "dim"),
             ", ".join(f"{k} {v}" for k, v in sorted(summary.after_rollback.items())),
         ))
+    lines.append(Text.assemble(("metrics from ", "dim"), summary.metrics_source))
     lines.append(Text.assemble(("audit log ", "dim"), summary.audit_log))
     return Panel(Group(table, Text(""), *lines), title="summary")

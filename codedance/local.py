@@ -11,6 +11,18 @@ mesh proxy does) or a real Prometheus, the pod status of the processes, and
 the engine itself with a real clock. `codedance demo` and `codedance run
 --local` both drive this.
 
+Metrics come from the router by default. With `prometheus="auto"` a
+Prometheus of our own (`adapters.local.prometheus`) runs in the work
+directory and scrapes the two services' `/metrics`: their addresses go into
+its targets file once the stable runs (the canary's port is fixed up front,
+so its target is written before it starts, and is scraped as down until
+then), and again when a promotion moves the stable to a new port. The
+release starts once Prometheus has scraped both, which takes about five
+seconds: Prometheus applies a new target list at most that often. With
+`prometheus=URL` the metrics are read from that Prometheus, which cannot
+know the ports: the same targets file is written to the work directory, and
+one line on stderr says where it is and which scrape job reads it.
+
 Routers are looked up by name in the registry and built with the `LocalSite`
 when they take a `site` argument (ours do), with no argument otherwise. A
 router that serves no traffic itself (a package's router for some other
@@ -23,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -35,6 +48,7 @@ import aiohttp
 
 from adapters.local.loadgen import LoadGenerator
 from adapters.local.memory import MemoryStore
+from adapters.local.prometheus import LocalPrometheus, ScrapeTargets
 from adapters.local.trafficstats import TrafficStats
 from adapters.local.workloads import PodStatusSource, ProcessWorkloads, ServiceConfig
 from dsl.compile import CompiledPolicy
@@ -45,6 +59,7 @@ from engine.model import AuditEntry, Phase, RolloutSpec, RolloutStatus
 from engine.ports import MetricSource, RolloutRef, TrafficRouter
 
 POD_METRICS = ("ready_pods", "not_ready_pods", "failed_pods", "restarts")
+AUTO = "auto"  # `prometheus=AUTO`: run a Prometheus of our own
 
 
 @dataclass(frozen=True)
@@ -180,6 +195,7 @@ class Summary:
     per_track: dict[str, int] = field(default_factory=dict)
     after_rollback: dict[str, int] = field(default_factory=dict)
     audit_log: str = ""
+    metrics_source: str = "router"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -196,6 +212,7 @@ class Summary:
             "requests_by_track": self.per_track,
             "requests_after_rollback_by_track": self.after_rollback,
             "audit_log": self.audit_log,
+            "metrics_source": self.metrics_source,
         }
 
 
@@ -229,6 +246,7 @@ class LocalPlatform:
         self.clock = LoopClock()
         self.audit = MemoryAudit()
         self.engine: Engine | None = None
+        self._prometheus: LocalPrometheus | None = None
 
     async def run(
         self, on_tick: Callable[[LocalPlatform], Awaitable[None]] | None = None
@@ -247,11 +265,24 @@ class LocalPlatform:
         async with contextlib.AsyncExitStack() as stack:
             workloads = ProcessWorkloads(stable=stable, canary=canary)
             stack.push_async_callback(workloads.stop_all)
+            # Prometheus first: it takes seconds to apply its first targets (below)
+            targets = await self._scrape_targets(stack)
             await workloads.start_stable()
             router = await self._router(stack, workloads)
-            workloads.on_stable_moved = router.set_stable
+
+            async def stable_moved(url: str) -> None:
+                await router.set_stable(url)
+                if targets is not None:
+                    targets.write(_targets(stable, canary, url, workloads.canary_url))
+
+            workloads.on_stable_moved = stable_moved
+            if targets is not None:
+                targets.write(
+                    _targets(stable, canary, workloads.stable_url, workloads.canary_url)
+                )
+            await self._await_scrapes(targets)
             confirmed = ConfirmedWeights(router, self.clock)
-            sources = self._sources(workloads)
+            sources = await self._sources(stack, workloads)
             audit_path = self.workdir / "audit.jsonl"
             file_audit = JsonLinesAudit(audit_path)
             self.engine = Engine(
@@ -265,7 +296,7 @@ class LocalPlatform:
                 # The router sees every request, so a one-second window already holds
                 # dozens of samples at 50 requests/s, and a fault shows within ~0.3s.
                 # Prometheus needs two scrapes in a window: 5s there.
-                metrics_window=5.0 if self.prometheus else 1.0,
+                metrics_window=1.0 if self.metrics_url is None else 5.0,
             )
             load = LoadGenerator(router.url, self.rate)
             load.start()
@@ -298,6 +329,35 @@ class LocalPlatform:
                 status, started, load, confirmed, bad_since, end_time, str(audit_path)
             )
 
+    @property
+    def metrics_url(self) -> str | None:
+        """The Prometheus the traffic metrics are read from; None: the router's statistics."""
+        if self._prometheus is not None:
+            return self._prometheus.url
+        return None if self.prometheus in (None, AUTO) else self.prometheus
+
+    async def _scrape_targets(self, stack: contextlib.AsyncExitStack) -> ScrapeTargets | None:
+        """Where the services' addresses go: our Prometheus, a file for another one, nowhere."""
+        if not self.prometheus:
+            return None
+        if self.prometheus != AUTO:
+            return ScrapeTargets(self.workdir / "prometheus-targets.json")
+        self._prometheus = LocalPrometheus(self.workdir / "prometheus")
+        stack.push_async_callback(self._prometheus.stop)
+        await self._prometheus.start()  # launched only: it gets ready while the rest starts
+        return self._prometheus.targets
+
+    async def _await_scrapes(self, targets: ScrapeTargets | None) -> None:
+        """Our Prometheus: until it scraped both services. Another: say how to scrape them."""
+        if self._prometheus is not None:
+            await self._prometheus.wait_ready()
+        elif targets is not None:
+            print(
+                f"codedance: scrape targets for {self.prometheus} written to {targets.path}; "
+                f"add this job to its scrape_configs: {targets.snippet()}",
+                file=sys.stderr, flush=True,
+            )
+
     async def _router(self, stack: contextlib.AsyncExitStack, workloads: ProcessWorkloads) -> Any:
         site = LocalSite(self.workdir, workloads.stable_url, workloads.canary_url, self.stats)
         router = local_router(self.router_kind, site)
@@ -305,14 +365,18 @@ class LocalPlatform:
         stack.push_async_callback(router.stop)
         return router
 
-    def _sources(self, workloads: ProcessWorkloads) -> dict[str, MetricSource]:
+    async def _sources(
+        self, stack: contextlib.AsyncExitStack, workloads: ProcessWorkloads
+    ) -> dict[str, MetricSource]:
         pods = PodStatusSource(workloads)
         traffic: MetricSource = self.stats
-        if self.prometheus:
+        if self.metrics_url is not None:
             from adapters.metrics.catalog import catalog_for
             from adapters.metrics.prometheus import PrometheusSource
 
-            traffic = PrometheusSource(self.prometheus, catalog_for("plain"))
+            traffic = await stack.enter_async_context(
+                PrometheusSource(self.metrics_url, catalog_for("plain"))
+            )
         sources: dict[str, MetricSource] = {"*": traffic}
         for metric in POD_METRICS:
             sources[metric] = pods
@@ -348,6 +412,7 @@ class LocalPlatform:
             per_track=per_track,
             after_rollback=after if status.phase is Phase.ROLLED_BACK else {},
             audit_log=audit_path,
+            metrics_source="router" if self.metrics_url is None else "prometheus",
         )
 
 
@@ -383,6 +448,18 @@ class _Tee:
     async def record(self, entry: AuditEntry) -> None:
         for sink in self.sinks:
             await sink.record(entry)
+
+
+def _targets(
+    stable: ServiceConfig, canary: ServiceConfig, stable_url: str, canary_url: str
+) -> list[tuple[str, dict[str, str]]]:
+    """The two services as scrape targets, labelled as the `plain` metric catalog reads them."""
+    return [
+        (stable_url, {"namespace": stable.namespace, "workload": stable.workload,
+                      "track": "stable"}),
+        (canary_url, {"namespace": canary.namespace, "workload": canary.workload,
+                      "track": "canary"}),
+    ]
 
 
 def _takes(factory: object, parameter: str) -> bool:

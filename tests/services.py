@@ -11,13 +11,11 @@ really run there, and `scripts/bootstrap` installs both as root.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import socket
-import subprocess
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+
+from adapters.local.prometheus import LocalPrometheus
 
 # Debian puts daemons such as nginx in /usr/sbin, which a non-root PATH often lacks.
 _EXTRA_DIRS = ("/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin")
@@ -89,42 +88,6 @@ def prometheus_query(base_url: str, query: str) -> list[dict[str, Any]]:
     return result
 
 
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _ready(base_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base_url}/-/ready", timeout=2.0) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _all_targets_scraped(base_url: str) -> bool:
-    """True once every active target has been scraped at least once (up or down)."""
-    try:
-        body = http_get_json(f"{base_url}/api/v1/targets?state=active", timeout=2.0)
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-    targets = body.get("data", {}).get("activeTargets", [])
-    return bool(targets) and all(t.get("health") in ("up", "down") for t in targets)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 @contextmanager
 def start_prometheus(
     tmp_path: Path,
@@ -137,45 +100,26 @@ def start_prometheus(
     Scrapes and rule evaluations run every second so tests stay short. The block
     starts once every target has been scraped (or, with no targets, once
     Prometheus is ready). Data and log live under `tmp_path / "prometheus"`.
+
+    This is `adapters.local.prometheus.LocalPrometheus` (the one way a
+    Prometheus is started), driven on a loop of its own: the caller may be a
+    plain test, or a thread of an async test whose loop serves the targets.
     """
     binary = which_or_skip("prometheus", "apt-get install prometheus")
-    home = tmp_path / "prometheus"
-    home.mkdir(parents=True, exist_ok=True)
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [dict(c) for c in scrape_configs or ()],
-    }
-    config_file = home / "prometheus.yml"
-    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-    log_file = home / "prometheus.log"
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    command = [
-        binary,
-        f"--config.file={config_file}",
-        f"--storage.tsdb.path={home / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}",
-        # Debian's build defaults these to /etc and /usr/share paths.
-        f"--web.console.templates={home / 'consoles'}",
-        f"--web.console.libraries={home / 'console_libraries'}",
-    ]
-    with log_file.open("wb") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
+    server = LocalPrometheus(
+        tmp_path / "prometheus",
+        prometheus=binary,
+        scrape_configs=scrape_configs or (),
+        startup_timeout=STARTUP_TIMEOUT,
+        stop_timeout=STOP_TIMEOUT,
+    )
     try:
-        ready = _all_targets_scraped if config["scrape_configs"] else _ready
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while not ready(base_url):
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"prometheus exited with {process.returncode}:\n{_tail(log_file)}"
-                )
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"prometheus not ready after {STARTUP_TIMEOUT:.0f}s:\n{_tail(log_file)}"
-                )
-            time.sleep(0.1)
-        yield base_url
+        asyncio.run(_started(server))
+        yield server.url
     finally:
-        _stop(process)
+        asyncio.run(server.stop())
+
+
+async def _started(server: LocalPrometheus) -> None:
+    await server.start()
+    await server.wait_ready()
