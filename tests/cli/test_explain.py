@@ -8,18 +8,11 @@ import pytest
 
 from codedance.cli import main
 from codedance.explain_cmd import spoken_duration
+from tests.policies import REALISTIC_RULES
 
 Capture = pytest.CaptureFixture[str]
 
-OVERVIEW = """\
-latency:   p99 > 300ms for 2m -> rollback
-errors:    error_rate > 1% for 1m -> rollback
-relative:  canary.p99 > stable.p99 * 1.5 and canary.p99 > 100ms for 3m -> pause
-crashing:  failed_pods > 0 or increase(restarts, 5m) >= 3 -> rollback
-flapping:  count(p99 > 250ms, 10m) >= 5 -> pause
-no_data:   absent(p99) for 5m -> pause
-early_win: weight >= 50 and success_rate >= 99.9% for 10m -> promote
-"""
+OVERVIEW = REALISTIC_RULES
 
 
 def explain(tmp_path: Path, capsys: Capture, source: str) -> list[str]:

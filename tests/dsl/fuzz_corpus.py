@@ -15,21 +15,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.policies import REALISTIC as SHARED_REALISTIC
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # LANGUAGE.md section 1, verbatim.
 SMALLEST = "p99 > 300ms for 2m -> rollback\n"
 
-REALISTIC = """\
-# checkout service: what a healthy canary looks like
-latency:   p99 > 300ms for 2m -> rollback
-errors:    error_rate > 1% for 1m -> rollback
-relative:  canary.p99 > stable.p99 * 1.5 and canary.p99 > 100ms for 3m -> pause
-crashing:  failed_pods > 0 or increase(restarts, 5m) >= 3 -> rollback
-flapping:  count(p99 > 250ms, 10m) >= 5 -> pause
-no_data:   absent(p99) for 5m -> pause
-early_win: weight >= 50 and success_rate >= 99.9% for 10m -> promote
-"""
+REALISTIC = SHARED_REALISTIC
 
 P95_METRIC = (
     "metric p95 = promql `histogram_quantile(0.95, sum by (le) "

@@ -6,6 +6,7 @@ import pytest
 
 import dsl
 from dsl.diagnostics import render
+from tests.policies import REALISTIC_RULES
 
 
 def problems(text: str) -> list[str]:
@@ -26,16 +27,7 @@ def one(text: str, code: str) -> tuple[str, str, str]:
 
 
 def test_the_realistic_policy_of_the_language_brief_is_clean() -> None:
-    text = """\
-latency:   p99 > 300ms for 2m -> rollback
-errors:    error_rate > 1% for 1m -> rollback
-relative:  canary.p99 > stable.p99 * 1.5 and canary.p99 > 100ms for 3m -> pause
-crashing:  failed_pods > 0 or increase(restarts, 5m) >= 3 -> rollback
-flapping:  count(p99 > 250ms, 10m) >= 5 -> pause
-no_data:   absent(p99) for 5m -> pause
-early_win: weight >= 50 and success_rate >= 99.9% for 10m -> promote
-"""
-    assert problems(text) == []
+    assert problems(REALISTIC_RULES) == []
 
 
 def test_the_fixed_example_diagnostic() -> None:

@@ -20,6 +20,7 @@ from dsl.ast import Binary, Ref, Unary
 from dsl.format import format_expr, format_policy
 from dsl.parser import MAX_DEPTH, parse
 from tests.dsl.strategies import policies, raw_expressions, snapshots, thresholds
+from tests.policies import REALISTIC as SHARED_REALISTIC
 
 RULES_DIR = Path(__file__).resolve().parents[2] / "rules"
 
@@ -121,16 +122,7 @@ no_data: absent(p99) for 5m -> pause
 early_win: (weight >= 50) and success_rate >= 99.9% for 10m -> promote
 """
 
-REALISTIC = """\
-# checkout service: what a healthy canary looks like
-latency:   p99 > 300ms for 2m -> rollback
-errors:    error_rate > 1% for 1m -> rollback
-relative:  canary.p99 > stable.p99 * 1.5 and canary.p99 > 100ms for 3m -> pause
-crashing:  failed_pods > 0 or increase(restarts, 5m) >= 3 -> rollback
-flapping:  count(p99 > 250ms, 10m) >= 5 -> pause
-no_data:   absent(p99) for 5m -> pause
-early_win: weight >= 50 and success_rate >= 99.9% for 10m -> promote
-"""
+REALISTIC = SHARED_REALISTIC
 
 
 def test_realistic_policy_gets_aligned_names() -> None:

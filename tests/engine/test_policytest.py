@@ -12,18 +12,10 @@ import engine.policytest
 from dsl.ast import Action
 from engine.policytest import TestFileResult, run_test_file
 from engine.timeline import replay, series_key, tick_times
+from tests.policies import REALISTIC
 
 # LANGUAGE.md section 1, the realistic policy.
-CHECKOUT = """\
-# checkout service: what a healthy canary looks like
-latency:   p99 > 300ms for 2m -> rollback
-errors:    error_rate > 1% for 1m -> rollback
-relative:  canary.p99 > stable.p99 * 1.5 and canary.p99 > 100ms for 3m -> pause
-crashing:  failed_pods > 0 or increase(restarts, 5m) >= 3 -> rollback
-flapping:  count(p99 > 250ms, 10m) >= 5 -> pause
-no_data:   absent(p99) for 5m -> pause
-early_win: weight >= 50 and success_rate >= 99.9% for 10m -> promote
-"""
+CHECKOUT = REALISTIC
 
 # LANGUAGE.md section 8, the example test file, as the YAML parser hands it over.
 SECTION_8: dict[str, Any] = {
