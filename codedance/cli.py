@@ -102,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     from codedance.deploy_cmd import add_commands as add_deploy
 
     add_deploy(commands)
+    from codedance.controller_cmd import add_command as add_controller
+
+    add_controller(commands)
     return parser
 
 

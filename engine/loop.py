@@ -115,6 +115,7 @@ class _Rollout:
     step_duration: float = 0.0
     # the rollout's requests grouped by the source that serves them, built once
     by_source: list[tuple[MetricSource, list[MetricRequest]]] = field(default_factory=list)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)  # its effects in flight
 
 
 class Engine:
@@ -231,6 +232,23 @@ class Engine:
             self._spawn(ro, self._start(ro))
         if verb == "resume":
             self._schedule(ro)
+        return ro.status
+
+    async def forget(self, key: str) -> RolloutStatus | None:
+        """Stop running a rollout: no more ticks, its effects in flight cancelled.
+
+        For a controller whose release request changed or is being deleted; it
+        decides what happens to the traffic next. The rollout's last status, or
+        None when it was not running.
+        """
+        ro = self._rollouts.pop(key, None)
+        if ro is None:
+            return None
+        ro.due = None
+        for task in ro.tasks:
+            task.cancel()
+        await asyncio.gather(*ro.tasks, return_exceptions=True)
+        ro.changed.set()
         return ro.status
 
     async def run(self) -> None:
@@ -434,6 +452,8 @@ class Engine:
         task = asyncio.ensure_future(guarded())
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
+        ro.tasks.add(task)
+        task.add_done_callback(ro.tasks.discard)
 
     async def _save(self, ro: _Rollout) -> None:
         async with ro.lock:
