@@ -37,8 +37,8 @@ def test_evaluate_alone_is_checked_against_the_engines_verdicts() -> None:
         evaluate(bench.EPOCH + i * bench.INTERVAL, {**snap, "weight": 5.0}, state)
     bench.verify_alone(policy, capture)  # the same calls give the same verdicts
     # a different snapshot at one call gives another verdict: the check must notice
-    key, now, snap = capture.calls[2]
-    capture.calls[2] = (key, now, {**snap, "canary.p99": None})
+    key, now, seen = capture.calls[2]
+    capture.calls[2] = (key, now, {**seen, "canary.p99": None})
     capture.states = {k: policy.new_state() for k in capture.states}
     with pytest.raises(bench.BenchError, match="disagrees with the engine at call 2"):
         bench.verify_alone(policy, capture)
