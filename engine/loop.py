@@ -150,9 +150,13 @@ class Engine:
         self._count_verdicts = not isinstance(self.telemetry, NoTelemetry)
         self.metrics_window = metrics_window
         self._rollouts: dict[str, _Rollout] = {}
-        self._heap: list[tuple[float, int, str]] = []
+        # due times in a heap, and the rollouts due at each: one entry per batch, not a
+        # tuple per rollout and tick (which the garbage collector has to traverse)
+        self._times: list[float] = []
+        self._due: dict[float, list[_Rollout]] = {}
+        self._phases_changed = False
+        self._flush_scheduled = False
         self._per_interval: dict[float, int] = {}
-        self._seq = 0
         self._wake = asyncio.Event()
         self._stopping = False
         self._inflight: set[asyncio.Task[None]] = set()
@@ -245,6 +249,7 @@ class Engine:
         if ro is None:
             return None
         ro.due = None
+        self._phases_changed = True
         for task in ro.tasks:
             task.cancel()
         await asyncio.gather(*ro.tasks, return_exceptions=True)
@@ -254,11 +259,11 @@ class Engine:
     async def run(self) -> None:
         """Tick every rollout until `stop()`; returns after effects in flight finish."""
         while not self._stopping:
-            if not self._heap:
+            if not self._times:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            due = self._heap[0][0]
+            due = self._times[0]
             now = self.clock.now()
             if due > now:
                 self._wake.clear()
@@ -272,11 +277,14 @@ class Engine:
             # ticks then fall exactly on multiples of the interval and `for 10s` means
             # ten seconds of ticks, whatever the scheduling jitter.
             batches: dict[float, list[_Rollout]] = {}
-            while self._heap and self._heap[0][0] <= now:
-                d, _, key = heapq.heappop(self._heap)
-                ro = self._rollouts.get(key)
-                if ro is not None and ro.due == d:
-                    batches.setdefault(d, []).append(ro)
+            rollouts = self._rollouts
+            while self._times and self._times[0] <= now:
+                d = heapq.heappop(self._times)
+                batches[d] = [
+                    ro
+                    for ro in self._due.pop(d)
+                    if ro.due == d and rollouts.get(ro.spec.key) is ro
+                ]
             for at, batch in sorted(batches.items()):
                 lag = self.clock.now() - at
                 self.tick_lags.append(lag)
@@ -324,8 +332,11 @@ class Engine:
         if ro.due is not None and due <= ro.due:
             return
         ro.due = due
-        self._seq += 1
-        heapq.heappush(self._heap, (due, self._seq, ro.spec.key))
+        group = self._due.get(due)
+        if group is None:
+            self._due[due] = group = []
+            heapq.heappush(self._times, due)
+        group.append(ro)
         self._wake.set()
 
     async def _tick(self, batch: Sequence[_Rollout], now: float) -> None:
@@ -342,7 +353,18 @@ class Engine:
         after = self.clock.now()
         for ro in batch:
             self._schedule(ro, after)
-        self._report_phases()
+        if self._phases_changed:
+            # once per batch, and only after a change: counting every rollout at every
+            # transition made starting n rollouts cost n^2, and at every batch it cost
+            # a pass over all rollouts for each of the batches of an interval
+            self._phases_changed = False
+            self._report_phases()
+
+    def _flush_phases(self) -> None:
+        self._flush_scheduled = False
+        if self._phases_changed:
+            self._phases_changed = False
+            self._report_phases()
 
     def _report_phases(self) -> None:
         self.telemetry.phases(Counter(ro.status.phase.value for ro in self._rollouts.values()))
@@ -473,7 +495,12 @@ class Engine:
         ro.saved = d.status
         ro.changed.set()
         if d.transitions:
-            self._report_phases()
+            self._phases_changed = True
+            if not self._flush_scheduled:
+                # report once per turn of the event loop, however many rollouts moved
+                # in it (a final phase has no tick after it to report it)
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush_phases)
         for t in d.transitions:
             await self.audit.record(
                 AuditEntry(
@@ -614,7 +641,27 @@ class Engine:
             return
         self._use_policy(ro, policy)
         await self._backfill(ro)
+        if not ro.spec.dry_run:
+            self._spawn(ro, self._reapply_weight(ro))
         self._schedule(ro)
+
+    async def _reapply_weight(self, ro: _Rollout) -> None:
+        """Make the router carry the status's weight after a restart.
+
+        The status is saved before its weight is written (`_commit`), so a process
+        stopped in between resumes a step whose weight never reached the router. The
+        router is read first: a weight the stopped process wrote but had not read back
+        yet is not written again.
+        """
+        ref, clock = ro.ref, self.clock
+
+        async def attempt() -> None:
+            weight = ro.status.weight
+            if await self.router.get_weight(ref) != weight:
+                await rollback.set_weight_confirmed(self.router, ref, weight, clock)
+
+        async with ro.lock:  # no tick decides on this rollout until its weight holds
+            await rollback.retry(f"re-applying the weight of {ro.spec.key}", attempt, clock)
 
     async def _backfill(self, ro: _Rollout) -> None:
         policy, state, stream = ro.policy, ro.state, ro.stream
