@@ -9,6 +9,10 @@
     codedance repl [FILE...]         try a policy interactively
     codedance demo [--scenario ...]  a canary release on this machine (0 Succeeded, 1 not)
     codedance run ROLLOUT.yaml --local   the same, driven by a CanaryDeployment manifest
+    codedance controller [...]       the controller, in a cluster (leader elected)
+    codedance status [NAME] [-n NS | -A] [--watch]   CanaryDeployments, like kubectl get
+    codedance approve|pause|resume|abort|retry NAME [-n NS] [--reason TEXT]
+                                     manual control (0 done, 1 refused, 2 usage)
     codedance crd                    print the CanaryDeployment CRD (deploy/crd.yaml)
     codedance policies-configmap [--namespace N] DIR
                                      print DIR's .rules files as a ConfigMap (0, 1 errors, 2 usage)
@@ -105,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     from codedance.controller_cmd import add_command as add_controller
 
     add_controller(commands)
+    from codedance.control_cmd import add_commands as add_control
+
+    add_control(commands)
     return parser
 
 

@@ -50,7 +50,7 @@ from kubernetes.aio.client.exceptions import ApiException
 from pydantic import ValidationError
 
 import dsl
-from adapters.kube import retry
+from adapters.kube import commands, retry
 from adapters.kube.events import EventAudit, EventRecorder
 from adapters.kube.models import (
     GROUP,
@@ -373,6 +373,11 @@ class Controller:
             await self._run(key, obj, cd, spec, generation)
         except InvalidSpec as problem:
             await self._refuse(key, obj, str(problem))
+            return
+        # a person's command (the codedance.io/command annotation), once per id
+        await commands.handle(
+            obj, self.engine, api_client=self._client, events=self.events, clock=self.clock
+        )
 
     async def _run(
         self, key: str, obj: JsonObject, cd: CanaryDeployment, spec: RolloutSpec, generation: int
