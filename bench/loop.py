@@ -221,9 +221,7 @@ class Rig:
         With `resume`, each rollout is taken on from a stored status in its first
         step, as a restarted controller does (its windows backfilled from the
         source), instead of being started and brought up. Both end in the same
-        steady state; resuming is linear in the number of rollouts, while a
-        fresh start reports the phase counts over every rollout at each
-        transition, which makes starting 10,000 rollouts take minutes.
+        steady state; resuming is the quicker way to put many rollouts in place.
         """
         if any(spec.interval != self.interval for spec in specs):
             raise ValueError("every rollout of a rig has the rig's interval")
