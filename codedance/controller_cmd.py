@@ -37,7 +37,7 @@ from adapters.kube.workloads import KubeWorkloads
 from adapters.telemetry.http import HealthServer
 from adapters.telemetry.prometheus import PrometheusTelemetry
 from engine import registry
-from engine.audit import JsonLinesAudit, MemoryAudit
+from engine.audit import JsonLinesAudit, LoggingAudit
 from engine.loop import Engine, LoopClock
 from engine.policystore import PolicyStore
 from engine.ports import AuditSink, MetricSource, TrafficRouter
@@ -140,7 +140,7 @@ async def _lead(
     identity: str,
 ) -> int:
     """Run the engine and the controller until the Lease is lost."""
-    inner: AuditSink = JsonLinesAudit(args.audit_log) if args.audit_log else MemoryAudit()
+    inner: AuditSink = JsonLinesAudit(args.audit_log) if args.audit_log else LoggingAudit()
     audit = EventAudit(inner, EventRecorder(api, clock=clock, instance=identity))
     policies = Policies(store)
     routers, workloads = RolloutRouters(), RolloutWorkloads()
