@@ -43,7 +43,7 @@ import copy
 import functools
 import logging
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 from kubernetes.aio import client, watch
 from kubernetes.aio.client.exceptions import ApiException
@@ -135,26 +135,37 @@ class Policies:
         self._inline.pop(INLINE + key, None)
 
 
-class RolloutRouters:
-    """The engine's one `TrafficRouter`, passing each call to the rollout's own router."""
+T = TypeVar("T")
+
+
+class _PerRollout(Generic[T]):
+    """One adapter per rollout, found by the rollout's key."""
+
+    what = "adapter"
 
     def __init__(self) -> None:
-        self._by_key: dict[str, TrafficRouter] = {}
+        self._by_key: dict[str, T] = {}
 
-    def set(self, key: str, router: TrafficRouter) -> None:
-        self._by_key[key] = router
+    def set(self, key: str, adapter: T) -> None:
+        self._by_key[key] = adapter
 
     def drop(self, key: str) -> None:
         self._by_key.pop(key, None)
 
-    def get(self, key: str) -> TrafficRouter | None:
+    def get(self, key: str) -> T | None:
         return self._by_key.get(key)
 
-    def _for(self, ref: RolloutRef) -> TrafficRouter:
-        router = self._by_key.get(f"{ref.namespace}/{ref.name}")
-        if router is None:
-            raise LookupError(f"no traffic router for {ref.namespace}/{ref.name}")
-        return router
+    def _for(self, ref: RolloutRef) -> T:
+        adapter = self._by_key.get(f"{ref.namespace}/{ref.name}")
+        if adapter is None:
+            raise LookupError(f"no {self.what} for {ref.namespace}/{ref.name}")
+        return adapter
+
+
+class RolloutRouters(_PerRollout[TrafficRouter]):
+    """The engine's one `TrafficRouter`, passing each call to the rollout's own router."""
+
+    what = "traffic router"
 
     async def set_weight(self, rollout: RolloutRef, weight: int) -> None:
         await self._for(rollout).set_weight(rollout, weight)
@@ -168,26 +179,10 @@ class RolloutRouters:
             await router.remove(rollout)
 
 
-class RolloutWorkloads:
+class RolloutWorkloads(_PerRollout[WorkloadManager]):
     """The engine's one `WorkloadManager`, passing each call to the rollout's own."""
 
-    def __init__(self) -> None:
-        self._by_key: dict[str, WorkloadManager] = {}
-
-    def set(self, key: str, workloads: WorkloadManager) -> None:
-        self._by_key[key] = workloads
-
-    def drop(self, key: str) -> None:
-        self._by_key.pop(key, None)
-
-    def get(self, key: str) -> WorkloadManager | None:
-        return self._by_key.get(key)
-
-    def _for(self, ref: RolloutRef) -> WorkloadManager:
-        workloads = self._by_key.get(f"{ref.namespace}/{ref.name}")
-        if workloads is None:
-            raise LookupError(f"no workload manager for {ref.namespace}/{ref.name}")
-        return workloads
+    what = "workload manager"
 
     async def bring_up(self, rollout: RolloutRef) -> None:
         await self._for(rollout).bring_up(rollout)
