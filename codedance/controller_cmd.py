@@ -13,7 +13,8 @@ tried once (this replica knows whether it leads). Only the leader runs the
 engine; a leader that loses the Lease stops at once and exits with status 1,
 so Kubernetes restarts it as a follower (client-go's controllers do the
 same): a rollout is never driven by two replicas, and the new leader resumes
-every rollout from its status.
+every rollout from its status. SIGTERM (a pod being stopped) stops the engine,
+releases the Lease so that another replica can lead at once, and exits with 0.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kubernetes.aio import client, config
@@ -32,6 +35,7 @@ from adapters.kube.controller import Controller, Policies, RolloutRouters, Rollo
 from adapters.kube.events import EventAudit, EventRecorder
 from adapters.kube.lease import LeaseElector
 from adapters.kube.models import CanaryDeployment
+from adapters.kube.pods import PodStatusSource
 from adapters.kube.store import StatusStore
 from adapters.kube.workloads import KubeWorkloads
 from adapters.telemetry.http import HealthServer
@@ -40,7 +44,7 @@ from engine import registry
 from engine.audit import JsonLinesAudit, LoggingAudit
 from engine.loop import Engine, LoopClock
 from engine.policystore import PolicyStore
-from engine.ports import AuditSink, MetricSource, TrafficRouter
+from engine.ports import AuditSink, MetricRequest, MetricSource, MetricValues, TrafficRouter
 
 log = logging.getLogger("codedance.controller")
 
@@ -86,14 +90,32 @@ async def _configuration(kubeconfig: str | None) -> client.Configuration:
     return configuration
 
 
-def _metrics(args: argparse.Namespace) -> MetricSource:
-    if args.prometheus is None:
-        raise SystemExit("codedance controller: --prometheus URL is required")
-    from adapters.metrics.catalog import catalog_for
+POD_METRICS = ("ready_pods", "not_ready_pods", "failed_pods", "restarts")
 
-    return registry.create(
-        registry.METRICS, "prometheus", args.prometheus, catalog_for(args.catalog)
-    )
+
+class _NoPrometheus:
+    """Without `--prometheus`, every traffic metric is unknown (never a made-up number)."""
+
+    async def fetch(self, at: float, requests: Sequence[MetricRequest]) -> MetricValues:
+        return dict.fromkeys(requests)
+
+    async def fetch_range(
+        self, start: float, end: float, step: float, requests: Sequence[MetricRequest]
+    ) -> Mapping[MetricRequest, list[tuple[float, float | None]]]:
+        return {}
+
+
+def _metrics(args: argparse.Namespace, api: client.ApiClient) -> dict[str, MetricSource]:
+    """Pod health from the API; every other metric from Prometheus, when given one."""
+    traffic: MetricSource = _NoPrometheus()
+    if args.prometheus is not None:
+        from adapters.metrics.catalog import catalog_for
+
+        traffic = registry.create(
+            registry.METRICS, "prometheus", args.prometheus, catalog_for(args.catalog)
+        )
+    pods = PodStatusSource(api)
+    return {"*": traffic, **dict.fromkeys(POD_METRICS, pods)}
 
 
 async def _main(args: argparse.Namespace) -> int:
@@ -101,6 +123,16 @@ async def _main(args: argparse.Namespace) -> int:
     telemetry = PrometheusTelemetry()
     identity = os.environ.get("POD_NAME") or socket.gethostname()
     lease_ns = os.environ.get("POD_NAMESPACE") or args.namespace or "default"
+    # SIGTERM cancels the main task, so that every `finally` below runs (the
+    # Lease is released) instead of the process dying where it stands.
+    main, terminated = asyncio.current_task(), asyncio.Event()
+    assert main is not None
+
+    def terminate() -> None:
+        terminated.set()
+        main.cancel()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminate)
     async with client.ApiClient(await _configuration(args.kubeconfig)) as api:
         store = PolicyStore(args.policies, telemetry=telemetry)
         elector = LeaseElector(
@@ -122,6 +154,11 @@ async def _main(args: argparse.Namespace) -> int:
                 await clock.sleep_until(clock.now() + 5.0)
             tried.set()
             return await _lead(api, args, clock, telemetry, store, elector, identity)
+        except asyncio.CancelledError:
+            if terminated.is_set():
+                log.info("%s stopping on SIGTERM", identity)
+                return 0
+            raise
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -146,7 +183,7 @@ async def _lead(
     routers, workloads = RolloutRouters(), RolloutWorkloads()
     engine = Engine(
         policies=policies,
-        metrics=_metrics(args),
+        metrics=_metrics(args, api),
         router=routers,
         workloads=workloads,
         store=StatusStore(api, clock=clock),
