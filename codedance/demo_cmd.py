@@ -60,7 +60,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenario", choices=sorted(SCENARIOS), default="healthy")
     p.add_argument("--router", default="builtin", metavar="NAME",
                    help="a registered traffic router: builtin, nginx, or a package's")
-    p.add_argument("--rate", type=float, default=50.0, help="requests per second (default 50)")
+    p.add_argument("--rate", type=float, default=100.0, help="requests per second (default 100)")
     p.add_argument(
         "--prometheus", metavar="auto|URL", default=None,
         help="read traffic metrics from Prometheus instead of the router: `auto` runs one "

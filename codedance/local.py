@@ -77,7 +77,7 @@ class Scenario:
 SCENARIOS = {
     "healthy": Scenario("healthy", description="the canary behaves like stable"),
     "slow": Scenario(
-        "slow", latency=0.31, bad_after=9.0, description="the canary answers in 310ms from 9s on"
+        "slow", latency=0.16, bad_after=9.0, description="the canary answers in 160ms from 9s on"
     ),
     "errors": Scenario(
         "errors", error_share=0.3, bad_after=9.0,
@@ -226,7 +226,7 @@ class LocalPlatform:
         scenario: Scenario,
         *,
         router: str = "builtin",
-        rate: float = 50.0,
+        rate: float = 100.0,
         prometheus: str | None = None,
         workdir: Path | None = None,
         bad_after: float | None = None,
@@ -294,7 +294,7 @@ class LocalPlatform:
                 audit=_Tee(self.audit, file_audit),
                 clock=self.clock,
                 # The router sees every request, so a one-second window already holds
-                # dozens of samples at 50 requests/s, and a fault shows within ~0.3s.
+                # dozens of samples at 100 requests/s, and a fault shows within ~0.2s.
                 # Prometheus needs two scrapes in a window: 5s there.
                 metrics_window=1.0 if self.metrics_url is None else 5.0,
             )
