@@ -506,25 +506,9 @@ class Controller:
                 conditions=[condition, *others], message=message, observedGeneration=generation
             )
             body: JsonObject = {**obj, "status": status}
-            try:
-                await retry.call(
-                    functools.partial(
-                        self._api.replace_namespaced_custom_object_status,
-                        GROUP,
-                        VERSION,
-                        namespace,
-                        PLURAL,
-                        name,
-                        body,
-                    ),
-                    clock=self.clock,
-                )
+            replace = self._api.replace_namespaced_custom_object_status
+            if await self._write(replace, namespace, name, body):
                 return
-            except ApiException as error:
-                if retry.is_not_found(error):
-                    return
-                if not retry.is_conflict(error):
-                    raise
         raise RuntimeError(f"CanaryDeployment {key} kept changing: status not written")
 
     async def _finalize(self, key: str, obj: JsonObject) -> None:
@@ -597,26 +581,25 @@ class Controller:
             body = copy.deepcopy(obj)
             body["metadata"]["finalizers"] = finalizers
             body.pop("status", None)
-            try:
-                await retry.call(
-                    functools.partial(
-                        self._api.replace_namespaced_custom_object,
-                        GROUP,
-                        VERSION,
-                        namespace,
-                        PLURAL,
-                        name,
-                        body,
-                    ),
-                    clock=self.clock,
-                )
+            if await self._write(self._api.replace_namespaced_custom_object, namespace, name, body):
                 return
-            except ApiException as error:
-                if retry.is_not_found(error):
-                    return
-                if not retry.is_conflict(error):
-                    raise
         raise RuntimeError(f"CanaryDeployment {key} kept changing: finalizer not updated")
+
+    async def _write(self, replace: Any, namespace: str, name: str, body: JsonObject) -> bool:
+        """Replace the object (or its status): True once done or the object is gone,
+        False on a stale resourceVersion (the caller reads again and retries)."""
+        try:
+            await retry.call(
+                functools.partial(replace, GROUP, VERSION, namespace, PLURAL, name, body),
+                clock=self.clock,
+            )
+        except ApiException as error:
+            if retry.is_not_found(error):
+                return True
+            if not retry.is_conflict(error):
+                raise
+            return False
+        return True
 
     async def _read(self, namespace: str, name: str) -> JsonObject | None:
         try:
