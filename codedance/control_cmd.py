@@ -30,7 +30,7 @@ from typing import Any, cast
 
 import aiohttp
 import yaml
-from kubernetes.aio import client, config, watch
+from kubernetes.aio import client, watch
 from kubernetes.aio.client.exceptions import ApiException
 from kubernetes.aio.config.config_exception import ConfigException
 
@@ -41,6 +41,7 @@ from adapters.kube.commands import (
     new_command,
     outcome_of,
 )
+from adapters.kube.connection import configuration
 from adapters.kube.models import GROUP, PLURAL, VERSION
 from codedance.policy_files import UsageError
 
@@ -121,14 +122,7 @@ def _namespace(args: argparse.Namespace) -> str:
 async def _configuration(kubeconfig: str | None) -> client.Configuration:
     if kubeconfig is not None and not Path(kubeconfig).is_file():
         raise UsageError(f"no kubeconfig at {kubeconfig}")
-    configuration = client.Configuration()
-    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    else:
-        await config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=kubeconfig, client_configuration=configuration, persist_config=False
-        )
-    return configuration
+    return await configuration(kubeconfig)
 
 
 def _connected(args: argparse.Namespace, body: Any) -> int:

@@ -29,8 +29,9 @@ import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kubernetes.aio import client, config
+from kubernetes.aio import client
 
+from adapters.kube.connection import configuration
 from adapters.kube.controller import Controller, Policies, RolloutRouters, RolloutWorkloads
 from adapters.kube.events import EventAudit, EventRecorder
 from adapters.kube.lease import LeaseElector
@@ -80,14 +81,7 @@ def _listen(text: str) -> tuple[str, int]:
 
 
 async def _configuration(kubeconfig: str | None) -> client.Configuration:
-    configuration = client.Configuration()
-    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    else:
-        await config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=kubeconfig, client_configuration=configuration, persist_config=False
-        )
-    return configuration
+    return await configuration(kubeconfig)
 
 
 POD_METRICS = ("ready_pods", "not_ready_pods", "failed_pods", "restarts")
