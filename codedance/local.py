@@ -313,6 +313,7 @@ class LocalPlatform:
                 crashed_at = crashed_at or workloads.exited_at("canary")
                 await asyncio.wait({finished}, timeout=0.1)
             status = finished.result()
+            crashed_at = crashed_at or workloads.exited_at("canary")
             if on_tick is not None:
                 await on_tick(self)
             end_time = time.time()

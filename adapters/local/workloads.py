@@ -424,6 +424,7 @@ class ProcessWorkloads:
         self.restart_backoff = restart_backoff
         self._canary_port = canary.port or _free_port(canary.host)
         self._pods: dict[str, list[_Pod]] = {track: [] for track in TRACKS}
+        self._exited: dict[str, float] = {}  # last crash per track, of pods since removed
         self._lock = asyncio.Lock()
         self._canary_generation = 0
         self._promoted_generation = -1
@@ -477,7 +478,7 @@ class ProcessWorkloads:
     def exited_at(self, track: str) -> float | None:
         """When a process of the track last exited without being asked (a crash), if ever."""
         times = [p.exited_at for p in self._pods[track] if p.exited_at is not None]
-        return max(times, default=None)
+        return max(times, default=self._exited.get(track))
 
     def last_stderr(self, track: str) -> list[str]:
         """The last stderr lines of the track's newest process."""
@@ -566,6 +567,8 @@ class ProcessWorkloads:
         try:
             await pod.stop(self.stop_timeout)
         finally:
+            if pod.exited_at is not None:  # a crash stays on record after its pod is gone
+                self._exited[pod.track] = max(pod.exited_at, self._exited.get(pod.track, 0.0))
             with contextlib.suppress(ValueError):
                 self._pods[pod.track].remove(pod)
 
