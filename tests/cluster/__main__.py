@@ -67,7 +67,7 @@ def up(arguments: argparse.Namespace) -> int:
     for identity in ("alice", "bob", "controller"):
         say(f"kubeconfig as {IDENTITIES[identity][0]}: {plane.kubeconfig(identity)}")
     say(f"kubectl: {plane.bin_dir / 'kubectl'}")
-    say("next: eval \"$(scripts/cluster env)\"; kubectl get nodes")
+    say('next: eval "$(scripts/cluster env)"; kubectl get nodes')
     print(plane.kubeconfig("admin"))
     return 0
 

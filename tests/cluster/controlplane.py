@@ -153,6 +153,9 @@ class ControlPlane:
         self._save_state()
         self.kubectl("apply", "--server-side", *self._files(CRDS))
         self.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+        # Established is not yet servable: the new resources answer 429
+        # "storage is (re)initializing" for a moment after it
+        self._wait_until(self._custom_resources_served, "the CRDs to be served", "kube-apiserver")
         self.kubectl("apply", "--server-side", *self._files((*SHIPPED, PEOPLE)))
         self._wait_until(self._nodes_ready, "the fake nodes to be Ready", "fakelet")
         self._wait_until(
@@ -346,6 +349,19 @@ class ControlPlane:
     def _files(self, paths: tuple[Path, ...]) -> list[str]:
         return [f"--filename={path}" for path in paths]
 
+    def _custom_resources_served(self) -> bool:
+        for crd in self.get_json("/apis/apiextensions.k8s.io/v1/customresourcedefinitions")[
+            "items"
+        ]:
+            group, plural = crd["spec"]["group"], crd["spec"]["names"]["plural"]
+            for version in crd["spec"]["versions"]:
+                if version.get("served"):
+                    try:
+                        self.get_json(f"/apis/{group}/{version['name']}/{plural}?limit=1")
+                    except urllib.error.HTTPError:
+                        return False
+        return True
+
     def _nodes_ready(self) -> bool:
         nodes = self.get_json("/api/v1/nodes")["items"]
         ready = [
@@ -386,7 +402,9 @@ class ControlPlane:
         while time.monotonic() < deadline:
             pid = self.pids.get(process)
             if pid is not None and not pid_alive(pid):
-                raise ClusterError(f"{process} exited; see {self.log(process)}:\n{tail(self.log(process))}")
+                raise ClusterError(
+                    f"{process} exited; see {self.log(process)}:\n{tail(self.log(process))}"
+                )
             with contextlib.suppress(OSError, urllib.error.URLError, KeyError):
                 if check():
                     return

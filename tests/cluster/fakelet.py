@@ -94,7 +94,9 @@ def container_statuses(pod: dict[str, Any], state: str, restarts: int = 0) -> li
                 "terminated": {"exitCode": 1, "reason": "Error", "finishedAt": now()}
             }
         elif state == "fail":
-            status["state"] = {"terminated": {"exitCode": 1, "reason": "Error", "finishedAt": now()}}
+            status["state"] = {
+                "terminated": {"exitCode": 1, "reason": "Error", "finishedAt": now()}
+            }
         else:
             status["state"] = {"waiting": {"reason": "ContainerCreating"}}
         statuses.append(status)
@@ -343,9 +345,7 @@ class Fakelet:
                         condition("ContainersReady", ready, reason),
                         condition("Ready", ready, reason),
                     ],
-                    "containerStatuses": container_statuses(
-                        pod, "ready" if ready else "running"
-                    ),
+                    "containerStatuses": container_statuses(pod, "ready" if ready else "running"),
                 },
             )
         except asyncio.CancelledError:

@@ -101,9 +101,7 @@ async def namespace(admin_api: client.ApiClient) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def kubeconfig_as(
-    control_plane: ControlPlane, tmp_path: Path
-) -> Callable[[str, str], Path]:
+def kubeconfig_as(control_plane: ControlPlane, tmp_path: Path) -> Callable[[str, str], Path]:
     def write(identity: str, namespace: str) -> Path:
         document = yaml.safe_load(control_plane.kubeconfig(identity).read_text())
         document["contexts"][0]["context"]["namespace"] = namespace
