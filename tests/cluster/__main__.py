@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-from pathlib import Path
 
 from tests.cluster import binaries
 from tests.cluster.controlplane import (

@@ -190,7 +190,7 @@ class Fakelet:
                 else:
                     log.warning("watch failed: %s", error.reason)
                     await asyncio.sleep(1)
-            except (asyncio.TimeoutError, OSError) as error:
+            except (TimeoutError, OSError) as error:
                 log.warning("watch interrupted: %s", error)
                 await asyncio.sleep(0.5)
 
