@@ -8,7 +8,11 @@ In: an object's identity and the API's answers. Out:
   host checkout-canary"), and `TrafficObjectNotFound` ("VirtualService
   shop/checkout not found");
 - `api_error`: an `ApiException` of the Kubernetes client turned into that
-  error, so the engine logs one line, never a dump of HTTP headers;
+  error, so the engine logs one line, never a dump of HTTP headers; a write
+  the API server refuses (422 Invalid: the CRD's schema or CEL rules, or a
+  built-in kind's validation) names the field the server named
+  ("HTTPRoute shop/checkout: spec.rules[1].backendRefs is refused by the API
+  server: Too many: 17: must have at most 16 items");
 - `retry_on_conflict`: read, change and write again when the API answers
   409 because someone wrote between our read and our write (every write
   carries the resourceVersion it read: optimistic concurrency);
@@ -103,10 +107,41 @@ def _api_message(e: ApiException) -> str:
     return str(e.reason or "")
 
 
+# The real API server adds this cause to a CRD's 422 when schema errors kept it from
+# running the CEL rules; it says nothing about the object, so the error leaves it out.
+_NOT_CHECKED = "some validation rules were not checked"
+
+
+def _causes(e: ApiException) -> list[tuple[str, str]]:
+    """(field, message) of each cause in a 422 Status' details, in the server's order."""
+    try:
+        status = json.loads(e.body) if isinstance(e.body, bytes | str) and e.body else None
+    except ValueError:
+        return []
+    details = status.get("details") if isinstance(status, dict) else None
+    causes = details.get("causes") if isinstance(details, dict) else None
+    found = []
+    for cause in causes if isinstance(causes, list) else []:
+        if not isinstance(cause, dict):
+            continue
+        field, message = str(cause.get("field") or ""), str(cause.get("message") or "")
+        if _NOT_CHECKED in message:
+            continue
+        found.append(("" if field == "<nil>" else field, message))
+    return found
+
+
 def api_error(obj: ObjectName, e: ApiException, doing: str) -> TrafficObjectError:
     """The router's error for an API failure while `doing` something to `obj`."""
     if e.status == 404:
         return TrafficObjectNotFound(obj)
+    causes = _causes(e) if e.status == 422 else []
+    if causes:
+        # The object we wrote is invalid: name the server's field, not the HTTP exchange.
+        (field, message), rest = causes[0], causes[1:]
+        problem = f"is refused by the API server: {message}"
+        problem += "".join(f"; {f or 'the object'}: {m}" for f, m in rest)
+        return TrafficObjectError(obj, problem, field or None)
     return TrafficObjectError(obj, f"{doing} failed: HTTP {e.status}: {_api_message(e)}")
 
 

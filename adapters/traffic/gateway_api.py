@@ -14,7 +14,19 @@ kind, port, filters) with the canary Service's name (and `port`, when the
 canary listens elsewhere). At weight 0 it stays, with weight 0 (a valid
 weight that sends it nothing), so a rollout's steps change numbers only;
 `remove` takes it out when the rollout has ended. Every other rule, match,
-filter and field stays as the user wrote it, key order included.
+filter and field stays as the API server stored it.
+
+The real server defaults the HTTPRoute (its CRD's schema): every backendRef
+gets `group: ""`, `kind: Service` and `weight: 1`, a parentRef its group and
+kind, a header match `type: Exact`, a rule without matches a `PathPrefix /`
+match; and it returns the keys sorted. The router reads the object with those
+defaults, and the canary backendRef is a copy of the stable one as stored,
+defaults included, so what the router writes is what the server keeps: the
+next read finds nothing to change, and no write is ever repeated for a
+default. A route its owner applies again without the canary backendRefs
+reads as weight 0 (the stable's weight is 1 again), a revert like any other.
+A write the server refuses (its schema or CEL rules: at most 16 backendRefs
+in a rule, say) fails with an error naming the route and the field.
 
 Writes carry the resourceVersion read (a 409 means someone wrote in between:
 read and change again). `get_weight` reads back from the API; a weight that

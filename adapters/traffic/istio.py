@@ -8,11 +8,12 @@ and `remove`.
 The user writes the VirtualService; the router owns two numbers in it: the
 `weight` of the stable and of the canary destination of one HTTP route (the
 one named `route`, else the first). They always sum to 100. Every other
-route, match, retry, timeout, header rule and field stays as the user wrote
-it, in the same key order, so the object is byte-for-byte the same elsewhere;
-the object is read, those two numbers are changed in the dict as read, and it
-is written back with the resourceVersion read (a 409 means someone wrote in
-between: read and change again).
+route, match, retry, timeout, header rule and field stays as the API server
+stored it, so the object is byte-for-byte the same elsewhere: the object is
+read, those two numbers are changed in the dict as read, and it is written
+back with the resourceVersion read (a 409 means someone wrote in between:
+read and change again). The server, not the router, decides the key order:
+it returns a custom resource's keys sorted, whatever order the user wrote.
 
 Two ways to tell the destinations apart:
 
@@ -189,9 +190,8 @@ def weights(vs: Mapping[str, Any], spec: RouteSpec) -> tuple[int, int]:
 def with_canary_weight(vs: Mapping[str, Any], spec: RouteSpec, weight: int) -> dict[str, Any]:
     """A copy of the VirtualService with canary `weight` and stable `100 - weight`.
 
-    Only the two `weight` values change; a weight the user left out is added
-    after the destination's other keys. Everything else, key order included,
-    is the object as given.
+    Only the two `weight` values change (a weight the user left out is
+    added). Everything else, key order included, is the object as given.
     """
     check_weight(weight)
     index, s, c = destination_indices(vs, spec)

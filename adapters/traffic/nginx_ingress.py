@@ -43,6 +43,13 @@ wraps: `retire` first retires the canary workload's objects, then awaits
 call `retire` only after weight 0 is confirmed, so the Ingress is deleted
 when it carries no traffic.
 
+The API server validates the canary Ingress as a new object: it refuses on
+create (only) a `kubernetes.io/ingress.class` annotation that disagrees with
+`spec.ingressClassName`, which a stable Ingress may have come to carry by an
+update. The router then fails with an error naming the canary Ingress and
+the field, and creates nothing. The server adds `status: {loadBalancer: {}}`
+to the Ingress it stores; the router neither writes nor compares status.
+
 Every write carries the resourceVersion read (a 409 means someone wrote in
 between: read and build again). `get_weight` reads the annotation back from
 the API; when it is not the weight last written someone reverted it, which

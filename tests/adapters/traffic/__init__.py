@@ -1,11 +1,21 @@
-"""Tests of the Kubernetes traffic routers, and the golden-file check they share.
+"""Tests of the Kubernetes traffic routers, and the helpers they share on the real control plane.
 
-`assert_golden(provider, step, obj)` compares an object, without the
-metadata the API server sets, with `tests/adapters/golden/<provider>/<step>.yaml`
-(one YAML object per file, keys in the object's own order). `InstantClock` is
-the engine's clock for a read-back retry that should not wait.
-`CODEDANCE_UPDATE_GOLDEN=1 pytest tests/adapters/traffic` writes the files
-instead; review the diff before keeping it.
+- `assert_golden(provider, step, obj, namespace)` compares an object as the
+  real API server stored it, without the metadata the server manages
+  (resourceVersion, uid, creationTimestamp, generation, managedFields) and
+  with the test's fresh namespace written as `shop`, with
+  `tests/adapters/golden/<provider>/<step>.yaml` (one YAML object per file,
+  keys in the order the server returned them). Everything else the server
+  stores is in the file: its defaults, and the key order it chose (a custom
+  resource's keys come back sorted, whatever order the user wrote).
+  `CODEDANCE_UPDATE_GOLDEN=1 pytest tests/adapters/traffic` writes the files
+  instead; review the diff before keeping it.
+- `controller_requests(control_plane, namespace, resource)`: what the
+  controller's ServiceAccount asked of the API server in that namespace, from
+  the audit log; `settled(...)` returns them once the log holds every request
+  made so far (the server writes an event as a request completes), and
+  `writes(events)` keeps the writes as (verb, name, code).
+- `InstantClock`: the engine's clock for a read-back retry that should not wait.
 """
 
 from __future__ import annotations
@@ -16,13 +26,20 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from kubernetes.aio import client
+from kubernetes.aio.client.exceptions import ApiException
+
+from tests.cluster.controlplane import CONTROLLER_USER, ControlPlane
+from tests.cluster.kube import AuditEvent, audit_events, eventually
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 SERVER_SET = ("resourceVersion", "uid", "creationTimestamp", "generation", "managedFields")
+GOLDEN_NAMESPACE = "shop"
+WRITE_VERBS = ("create", "update", "patch", "delete")
 
 
 def without_server_fields(obj: dict[str, Any]) -> dict[str, Any]:
-    """A copy of `obj` without the metadata the API server sets."""
+    """A copy of `obj` without the metadata the API server manages."""
     out = copy.deepcopy(obj)
     meta = out.get("metadata") or {}
     for key in SERVER_SET:
@@ -30,15 +47,70 @@ def without_server_fields(obj: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def assert_golden(provider: str, step: str, obj: dict[str, Any]) -> None:
+def assert_golden(provider: str, step: str, obj: dict[str, Any], namespace: str) -> None:
     path = GOLDEN / provider / f"{step}.yaml"
     text = yaml.safe_dump(without_server_fields(obj), sort_keys=False)
+    # The namespace is fresh per test (t-<8 hex digits>), so no other text contains it.
+    text = text.replace(namespace, GOLDEN_NAMESPACE)
     if os.environ.get("CODEDANCE_UPDATE_GOLDEN") == "1":
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         return
     assert path.exists(), f"{path} is missing; run with CODEDANCE_UPDATE_GOLDEN=1 to write it"
     assert text == path.read_text(encoding="utf-8"), f"{obj.get('kind')} differs from {path}"
+
+
+def controller_requests(
+    control_plane: ControlPlane, namespace: str, resource: str, name: str | None = None
+) -> list[AuditEvent]:
+    """The controller's requests for `resource` (and `name`) in `namespace`, in order."""
+    return [
+        event
+        for event in audit_events(control_plane.audit_log, CONTROLLER_USER)
+        if event.namespace == namespace
+        and event.resource == resource
+        and (name is None or event.name == name)
+    ]
+
+
+GROUP_VERSIONS = {
+    "virtualservices": ("networking.istio.io", "v1"),
+    "destinationrules": ("networking.istio.io", "v1"),
+    "httproutes": ("gateway.networking.k8s.io", "v1"),
+    "ingresses": ("networking.k8s.io", "v1"),
+}
+MARKER = "audit-marker"
+
+
+async def settled(
+    control_plane: ControlPlane, controller_api: client.ApiClient, namespace: str, resource: str
+) -> list[AuditEvent]:
+    """The controller's requests for `resource` so far, once the audit log holds them all.
+
+    The server writes an audit event as a request completes, so a request that
+    has answered may not be in the log yet. The controller reads a name that
+    does not exist (a marker) after everything else, and the log is complete
+    once the marker is in it; the marker is left out of the answer.
+    """
+    group, version = GROUP_VERSIONS[resource]
+    try:
+        await client.CustomObjectsApi(controller_api).get_namespaced_custom_object(
+            group, version, namespace, resource, MARKER
+        )
+    except ApiException as error:
+        assert error.status == 404, error
+
+    async def marked() -> list[AuditEvent] | None:
+        found = controller_requests(control_plane, namespace, resource)
+        return found if any(event.name == MARKER for event in found) else None
+
+    found: list[AuditEvent] = await eventually(marked, timeout=10)
+    return [event for event in found if event.name != MARKER]
+
+
+def writes(events: list[AuditEvent]) -> list[tuple[str, str, int]]:
+    """(verb, name, HTTP code) of each write among `events`."""
+    return [(e.verb, e.name, e.code) for e in events if e.verb in WRITE_VERBS]
 
 
 class InstantClock:

@@ -1,4 +1,9 @@
-"""The Istio router: VirtualService weights on plain dicts, then through the API double."""
+"""The Istio router: VirtualService weights on plain dicts, then on the real API server.
+
+The router works as the controller's ServiceAccount (`controller_api`, exactly
+deploy/rbac.yaml's rights); the test sets up, reverts and checks as the
+admin, as a person would. Nothing here uses the API double.
+"""
 
 from __future__ import annotations
 
@@ -22,11 +27,15 @@ from adapters.traffic.istio import (
 )
 from engine.ports import RolloutRef, TrafficRouter
 from engine.rollback import set_weight_confirmed
-from tests.adapters.traffic import InstantClock, assert_golden, without_server_fields
-from tests.kube.apiserver import ApiServer
-from tests.kube.schemas import validate_custom
-
-# The API double's fixtures, shared with tests/kube (a fixture is found by its module name).
+from tests.adapters.traffic import (
+    InstantClock,
+    assert_golden,
+    settled,
+    without_server_fields,
+    writes,
+)
+from tests.cluster.controlplane import ControlPlane
+from tests.cluster.fixtures import api_client
 
 VS_YAML = """
 apiVersion: networking.istio.io/v1
@@ -266,10 +275,8 @@ def test_a_revert_is_reported_once_until_the_next_write() -> None:
     assert seen == [("VirtualService shop/checkout", 25, 10)] * 2
 
 
-# --- through the real client, over HTTP, against the API double -------------------
+# --- through the real client, on the real API server ----------------------------
 
-NS = "shop"
-REF = RolloutRef(NS, "checkout", "checkout", "checkout-canary", "checkout")
 ROLLOUT = [
     ("01-weight-5", 5),
     ("02-weight-10", 10),
@@ -279,9 +286,21 @@ ROLLOUT = [
     ("06-weight-100", 100),
     ("07-rollback", 0),
 ]
+VS_API = ("networking.istio.io", "v1")
 
 
-def router(kube_client: client.ApiClient, **options: Any) -> IstioRouter:
+def ref(namespace: str) -> RolloutRef:
+    return RolloutRef(namespace, "checkout", "checkout", "checkout-canary", "checkout")
+
+
+def in_namespace(text: str, namespace: str) -> dict[str, Any]:
+    """One of the YAML objects above, in the test's namespace (its hosts too)."""
+    obj = load(text.replace(".shop.", f".{namespace}."))
+    obj["metadata"]["namespace"] = namespace
+    return obj
+
+
+def router(controller_api: client.ApiClient, **options: Any) -> IstioRouter:
     settings: dict[str, Any] = {
         "virtual_service": "checkout",
         "route": "primary",
@@ -289,192 +308,252 @@ def router(kube_client: client.ApiClient, **options: Any) -> IstioRouter:
         "canary_host": "checkout-canary",
         **options,
     }
-    return IstioRouter(kube_client, **settings)
+    return IstioRouter(controller_api, **settings)
 
 
-def stored(apiserver: ApiServer, kind: str = "VirtualService") -> dict[str, Any]:
-    obj = apiserver.read(kind, "checkout", NS)
-    assert obj is not None
-    return obj
+async def create(admin_api: client.ApiClient, obj: dict[str, Any]) -> dict[str, Any]:
+    """Create as the user applies it; the object as the server stored it."""
+    plural = "virtualservices" if obj["kind"] == "VirtualService" else "destinationrules"
+    created = await client.CustomObjectsApi(admin_api).create_namespaced_custom_object(
+        *VS_API, obj["metadata"]["namespace"], plural, obj
+    )
+    return cast(dict[str, Any], created)
 
 
-def assert_writes_validate(apiserver: ApiServer) -> int:
-    writes = apiserver.writes()
-    for call in writes:
-        validate_custom(call.body)
-    return len(writes)
+async def stored(
+    admin_api: client.ApiClient, namespace: str, plural: str = "virtualservices"
+) -> dict[str, Any]:
+    found = await client.CustomObjectsApi(admin_api).get_namespaced_custom_object(
+        *VS_API, namespace, plural, "checkout"
+    )
+    return cast(dict[str, Any], found)
 
 
 @pytest.mark.asyncio
 async def test_a_linear_rollout_and_a_rollback_move_only_the_two_weights(
-    apiserver: ApiServer, kube_client: client.ApiClient
+    control_plane: ControlPlane,
+    admin_api: client.ApiClient,
+    controller_api: client.ApiClient,
+    namespace: str,
 ) -> None:
-    created = await client.CustomObjectsApi(kube_client).create_namespaced_custom_object(
-        "networking.istio.io", "v1", NS, "virtualservices", load(VS_YAML)
-    )  # as the user applies it
-    original = without_server_fields(cast(dict[str, Any], created))
-    istio = router(kube_client)
+    original = without_server_fields(await create(admin_api, in_namespace(VS_YAML, namespace)))
+    istio = router(controller_api)
     assert isinstance(istio, TrafficRouter)
-    assert await istio.get_weight(REF) == 0
+    assert await istio.get_weight(ref(namespace)) == 0
     for step, weight in ROLLOUT:
-        await istio.set_weight(REF, weight)
-        assert await istio.get_weight(REF) == weight
-        now = stored(apiserver)
-        assert_golden("istio", step, now)
+        await istio.set_weight(ref(namespace), weight)
+        assert await istio.get_weight(ref(namespace)) == weight
+        now = await stored(admin_api, namespace)
+        assert_golden("istio", step, now, namespace)
         assert weights(now, HOSTS) == (100 - weight, weight)
+        # byte for byte (as the server serialises it) but for the two weights
         assert without_weights(without_server_fields(now), 1) == without_weights(original, 1)
-    assert assert_writes_validate(apiserver) == 1 + len(ROLLOUT)
+    events = await settled(control_plane, controller_api, namespace, "virtualservices")
+    assert writes(events) == [("update", "checkout", 200)] * len(ROLLOUT)
 
 
 @pytest.mark.asyncio
 async def test_set_weight_is_idempotent(
-    apiserver: ApiServer, kube_client: client.ApiClient
+    control_plane: ControlPlane,
+    admin_api: client.ApiClient,
+    controller_api: client.ApiClient,
+    namespace: str,
 ) -> None:
-    apiserver.seed(load(VS_YAML))
-    istio = router(kube_client)
-    await istio.set_weight(REF, 0)  # the object already says 0
-    assert apiserver.writes() == []
-    await istio.set_weight(REF, 10)
-    await istio.set_weight(REF, 10)
-    assert len(apiserver.writes()) == 1
+    await create(admin_api, in_namespace(VS_YAML, namespace))
+    istio = router(controller_api)
+    await istio.set_weight(ref(namespace), 0)  # the object already says 0
+    assert writes(await settled(control_plane, controller_api, namespace, "virtualservices")) == []
+    await istio.set_weight(ref(namespace), 10)
+    version = (await stored(admin_api, namespace))["metadata"]["resourceVersion"]
+    await istio.set_weight(ref(namespace), 10)
+    events = await settled(control_plane, controller_api, namespace, "virtualservices")
+    assert writes(events) == [("update", "checkout", 200)]
+    assert (await stored(admin_api, namespace))["metadata"]["resourceVersion"] == version
 
 
 @pytest.mark.asyncio
 async def test_a_revert_by_someone_else_is_reported_and_written_again(
-    apiserver: ApiServer, kube_client: client.ApiClient
+    control_plane: ControlPlane,
+    admin_api: client.ApiClient,
+    controller_api: client.ApiClient,
+    namespace: str,
 ) -> None:
-    apiserver.seed(load(VS_YAML))
+    await create(admin_api, in_namespace(VS_YAML, namespace))
     reverts: list[tuple[str, int, int]] = []
-    istio = router(kube_client, on_revert=lambda *seen: reverts.append(seen))
-    await istio.set_weight(REF, 10)
-    await istio.set_weight(REF, 25)
-    assert not await istio.reconcile(REF), "nothing to re-apply while the object is ours"
+    istio = router(controller_api, on_revert=lambda *seen: reverts.append(seen))
+    name = f"VirtualService {namespace}/checkout"
+    await istio.set_weight(ref(namespace), 10)
+    await istio.set_weight(ref(namespace), 25)
+    assert not await istio.reconcile(ref(namespace)), "nothing to re-apply while it is ours"
 
     async def put_back(weight: int) -> None:
-        api = client.CustomObjectsApi(kube_client)
-        vs = await api.get_namespaced_custom_object(
-            "networking.istio.io", "v1", NS, "virtualservices", "checkout"
-        )
-        old = with_canary_weight(cast(dict[str, Any], vs), HOSTS, weight)
-        await api.replace_namespaced_custom_object(
-            "networking.istio.io", "v1", NS, "virtualservices", "checkout", old
+        # as `kubectl patch --type merge` would: the person's http routes, older weights
+        vs = with_canary_weight(await stored(admin_api, namespace), HOSTS, weight)
+        await client.CustomObjectsApi(admin_api).patch_namespaced_custom_object(
+            *VS_API,
+            namespace,
+            "virtualservices",
+            "checkout",
+            {"spec": {"http": vs["spec"]["http"]}},
         )
 
     await put_back(10)
-    assert await istio.get_weight(REF) == 10, "get_weight reports what is there"
-    assert await istio.get_weight(REF) == 10
-    assert reverts == [("VirtualService shop/checkout", 25, 10)], "reported once"
-    assert await istio.reconcile(REF)
-    assert weights(stored(apiserver), HOSTS) == (75, 25)
+    assert await istio.get_weight(ref(namespace)) == 10, "get_weight reports what is there"
+    assert await istio.get_weight(ref(namespace)) == 10
+    assert reverts == [(name, 25, 10)], "reported once"
+    assert await istio.reconcile(ref(namespace))
+    assert weights(await stored(admin_api, namespace), HOSTS) == (75, 25)
 
     await put_back(5)  # again; now the engine's read-back confirmation puts it back
-    await set_weight_confirmed(istio, REF, 25, InstantClock())
-    assert weights(stored(apiserver), HOSTS) == (75, 25)
-    assert reverts[-1] == ("VirtualService shop/checkout", 25, 5)
-    assert_writes_validate(apiserver)
+    await set_weight_confirmed(istio, ref(namespace), 25, InstantClock())
+    assert weights(await stored(admin_api, namespace), HOSTS) == (75, 25)
+    assert reverts[-1] == (name, 25, 5)
+    events = await settled(control_plane, controller_api, namespace, "virtualservices")
+    assert {code for _, _, code in writes(events)} == {200}, "every write was accepted"
 
 
 @pytest.mark.asyncio
 async def test_a_missing_or_malformed_object_is_named(
-    apiserver: ApiServer, kube_client: client.ApiClient
+    control_plane: ControlPlane,
+    admin_api: client.ApiClient,
+    controller_api: client.ApiClient,
+    namespace: str,
 ) -> None:
-    istio = router(kube_client)
-    with pytest.raises(TrafficObjectError, match=r"^VirtualService shop/checkout not found$"):
-        await istio.set_weight(REF, 5)
-    with pytest.raises(TrafficObjectError, match=r"^VirtualService shop/checkout not found$"):
-        await istio.get_weight(REF)
-    vs = load(VS_YAML)
+    istio = router(controller_api)
+    missing = rf"^VirtualService {namespace}/checkout not found$"
+    with pytest.raises(TrafficObjectError, match=missing):
+        await istio.set_weight(ref(namespace), 5)
+    with pytest.raises(TrafficObjectError, match=missing):
+        await istio.get_weight(ref(namespace))
+    vs = in_namespace(VS_YAML, namespace)
     del vs["spec"]["http"][1]["route"][1]
-    apiserver.seed(vs)
+    await create(admin_api, vs)  # the server takes it: only our router needs the canary
     with pytest.raises(TrafficObjectError) as caught:
-        await istio.set_weight(REF, 5)
+        await istio.set_weight(ref(namespace), 5)
     assert str(caught.value) == (
-        "VirtualService shop/checkout: spec.http[1].route has no destination for host "
+        f"VirtualService {namespace}/checkout: spec.http[1].route has no destination for host "
         "checkout-canary"
     )
-    assert apiserver.writes() == []
+    assert writes(await settled(control_plane, controller_api, namespace, "virtualservices")) == []
 
 
-@pytest.mark.asyncio
-async def test_a_stale_write_is_read_again_and_retried(
-    apiserver: ApiServer, kube_client: client.ApiClient
-) -> None:
-    apiserver.seed(load(VS_YAML))
-    istio = router(kube_client)
-    other = client.CustomObjectsApi(kube_client)
+def someone_writes_after_our_read(
+    istio: IstioRouter, admin_api: client.ApiClient, times: int
+) -> list[str]:
+    """Make another writer change a field we do not own between our read and our write.
+
+    The next `times` reads of the router are each followed by the admin's
+    write, so the router's write carries a resourceVersion the real server no
+    longer has, and the server answers 409. Returns the timeouts written (each
+    new: the real server takes a write that changes nothing as a no-op, which
+    keeps the resourceVersion and so would not make the router's write stale).
+    """
     read = istio._api.get_namespaced_custom_object
-    raced = False
+    other = client.CustomObjectsApi(admin_api)
+    written: list[str] = []
 
     async def read_then_someone_writes(*args: Any, **kwargs: Any) -> Any:
-        # Another writer changes a field we do not own between our read and our write.
-        nonlocal raced
-        found = await read(*args, **kwargs)
-        if not raced:
-            raced = True
-            theirs = copy.deepcopy(cast(dict[str, Any], found))
-            theirs["spec"]["http"][2]["timeout"] = "3s"
+        found = cast(dict[str, Any], await read(*args, **kwargs))
+        if len(written) < times and found["kind"] == "VirtualService":
+            theirs = copy.deepcopy(found)
+            written.append(f"{int(theirs['spec']['http'][2].get('timeout', '2s')[:-1]) + 1}s")
+            theirs["spec"]["http"][2]["timeout"] = written[-1]
             await other.replace_namespaced_custom_object(
-                "networking.istio.io", "v1", NS, "virtualservices", "checkout", theirs
+                *VS_API, found["metadata"]["namespace"], "virtualservices", "checkout", theirs
             )
         return found
 
     istio._api.get_namespaced_custom_object = read_then_someone_writes  # type: ignore[method-assign]
-    await istio.set_weight(REF, 5)
-    now = stored(apiserver)
-    assert weights(now, HOSTS) == (95, 5)
-    assert now["spec"]["http"][2]["timeout"] == "3s", "their change is kept"
-    assert [c.status for c in apiserver.writes(ok=None)] == [200, 409, 200]
+    return written
 
-    apiserver.conflict_next_write(times=2)
-    await istio.set_weight(REF, 10)
-    assert weights(stored(apiserver), HOSTS) == (90, 10)
-    apiserver.conflict_next_write(times=5)
+
+@pytest.mark.asyncio
+async def test_a_stale_write_is_read_again_and_retried(
+    control_plane: ControlPlane,
+    admin_api: client.ApiClient,
+    controller_api: client.ApiClient,
+    namespace: str,
+) -> None:
+    await create(admin_api, in_namespace(VS_YAML, namespace))
+    istio = router(controller_api)
+    theirs = someone_writes_after_our_read(istio, admin_api, times=1)
+    await istio.set_weight(ref(namespace), 5)
+    now = await stored(admin_api, namespace)
+    assert weights(now, HOSTS) == (95, 5)
+    assert now["spec"]["http"][2]["timeout"] == theirs[-1] == "3s", "their change is kept"
+    events = await settled(control_plane, controller_api, namespace, "virtualservices")
+    assert [code for _, _, code in writes(events)] == [409, 200]
+
+    theirs = someone_writes_after_our_read(istio, admin_api, times=2)
+    await istio.set_weight(ref(namespace), 10)
+    now = await stored(admin_api, namespace)
+    assert weights(now, HOSTS) == (90, 10)
+    assert now["spec"]["http"][2]["timeout"] == theirs[-1] == "5s"
+    events = await settled(control_plane, controller_api, namespace, "virtualservices")
+    assert [code for _, _, code in writes(events)][2:] == [409, 409, 200]
+    someone_writes_after_our_read(istio, admin_api, times=5)
     with pytest.raises(TrafficObjectError, match="changed by another writer 5 times in a row"):
-        await istio.set_weight(REF, 25)
+        await istio.set_weight(ref(namespace), 25)
+    assert weights(await stored(admin_api, namespace), HOSTS) == (90, 10)
 
 
 @pytest.mark.asyncio
 async def test_subsets_are_driven_after_the_destination_rule_is_checked(
-    apiserver: ApiServer, kube_client: client.ApiClient
+    control_plane: ControlPlane,
+    admin_api: client.ApiClient,
+    controller_api: client.ApiClient,
+    namespace: str,
 ) -> None:
-    apiserver.seed(load(SUBSET_VS_YAML))
+    await create(admin_api, in_namespace(SUBSET_VS_YAML, namespace))
     istio = router(
-        kube_client,
+        controller_api,
         route=None,
         canary_host="checkout",
         subsets=("stable", "canary"),
         destination_rule="checkout",
     )
-    with pytest.raises(TrafficObjectError, match=r"^DestinationRule shop/checkout not found$"):
-        await istio.set_weight(REF, 5)
-    dr = load(DR_YAML)
+    with pytest.raises(
+        TrafficObjectError, match=rf"^DestinationRule {namespace}/checkout not found$"
+    ):
+        await istio.set_weight(ref(namespace), 5)
+    dr = in_namespace(DR_YAML, namespace)
     del dr["spec"]["subsets"][1]
-    apiserver.seed(dr)
+    await create(admin_api, dr)
     with pytest.raises(TrafficObjectError) as caught:
-        await istio.set_weight(REF, 5)
-    assert (
-        str(caught.value)
-        == "DestinationRule shop/checkout: spec.subsets has no subset named canary"
+        await istio.set_weight(ref(namespace), 5)
+    assert str(caught.value) == (
+        f"DestinationRule {namespace}/checkout: spec.subsets has no subset named canary"
     )
-    assert apiserver.writes() == []
-    apiserver.seed(load(DR_YAML))
+    assert writes(await settled(control_plane, controller_api, namespace, "virtualservices")) == []
+    dr = await stored(admin_api, namespace, "destinationrules")  # the person fixes it
+    dr["spec"] = in_namespace(DR_YAML, namespace)["spec"]
+    await client.CustomObjectsApi(admin_api).replace_namespaced_custom_object(
+        *VS_API, namespace, "destinationrules", "checkout", dr
+    )
+    before = await stored(admin_api, namespace, "destinationrules")
     for _, weight in ROLLOUT:
-        await istio.set_weight(REF, weight)
-        assert await istio.get_weight(REF) == weight
-        assert weights(stored(apiserver), SUBSETS) == (100 - weight, weight)
-    assert stored(apiserver, "DestinationRule")["spec"] == load(DR_YAML)["spec"]
-    assert assert_writes_validate(apiserver) == len(ROLLOUT)
+        await istio.set_weight(ref(namespace), weight)
+        assert await istio.get_weight(ref(namespace)) == weight
+        assert weights(await stored(admin_api, namespace), SUBSETS) == (100 - weight, weight)
+    assert await stored(admin_api, namespace, "destinationrules") == before
+    events = await settled(control_plane, controller_api, namespace, "virtualservices")
+    assert writes(events) == [("update", "checkout", 200)] * len(ROLLOUT)
+    rules = await settled(control_plane, controller_api, namespace, "destinationrules")
+    assert rules and writes(rules) == [], "the DestinationRule is read, never written"
 
 
 @pytest.mark.asyncio
 async def test_another_api_failure_is_one_line_naming_the_object(
-    apiserver: ApiServer, kube_client: client.ApiClient
+    control_plane: ControlPlane, admin_api: client.ApiClient, namespace: str
 ) -> None:
-    apiserver.seed(load(VS_YAML))
-    apiserver.fail(403, method="GET", message='virtualservices "checkout" is forbidden')
-    with pytest.raises(TrafficObjectError) as caught:
-        await router(kube_client).get_weight(REF)
+    await create(admin_api, in_namespace(VS_YAML, namespace))
+    # alice may release but holds no right on VirtualServices: the server's real 403
+    async with await api_client(control_plane, "alice") as alice:
+        with pytest.raises(TrafficObjectError) as caught:
+            await router(alice).get_weight(ref(namespace))
     assert str(caught.value) == (
-        'VirtualService shop/checkout: reading failed: HTTP 403: virtualservices "checkout" '
-        "is forbidden"
+        f"VirtualService {namespace}/checkout: reading failed: HTTP 403: "
+        'virtualservices.networking.istio.io "checkout" is forbidden: User "alice" cannot get '
+        'resource "virtualservices" in API group "networking.istio.io" in the namespace '
+        f'"{namespace}"'
     )

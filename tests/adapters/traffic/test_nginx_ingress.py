@@ -1,8 +1,15 @@
-"""The ingress-nginx router: the canary Ingress on plain dicts, then through the API double."""
+"""The ingress-nginx router: the canary Ingress on plain dicts, then on the real API server.
+
+The router works as the controller's ServiceAccount (`controller_api`, exactly
+deploy/rbac.yaml's rights); the test sets up, reverts and checks as the
+admin, as a person would. The real server validates every Ingress the router
+writes. Nothing here uses the API double.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -17,11 +24,14 @@ from adapters.traffic.nginx_ingress import (
 )
 from engine.ports import RolloutRef, TrafficRouter
 from engine.rollback import set_weight_confirmed
-from tests.adapters.traffic import InstantClock, assert_golden, without_server_fields
-from tests.kube.apiserver import ApiServer
-from tests.kube.schemas import validate_builtin
-
-# The API double's fixtures, shared with tests/kube (a fixture is found by its module name).
+from tests.adapters.traffic import (
+    InstantClock,
+    assert_golden,
+    settled,
+    without_server_fields,
+    writes,
+)
+from tests.cluster.controlplane import ControlPlane
 
 P = "nginx.ingress.kubernetes.io"
 
@@ -232,10 +242,8 @@ def test_options_are_checked_up_front() -> None:
         NginxIngressRouter(None, ingress="checkout", canary_service="c", header_value="x")  # type: ignore[arg-type]
 
 
-# --- through the real client, over HTTP, against the API double -------------------
+# --- through the real client, on the real API server ----------------------------
 
-NS = "shop"
-REF = RolloutRef(NS, "checkout", "checkout", "checkout-canary", "checkout")
 ROLLOUT = [
     ("01-weight-5", 5),
     ("02-weight-10", 10),
@@ -245,9 +253,15 @@ ROLLOUT = [
     ("06-weight-100", 100),
     ("07-rollback", 0),
 ]
+CREATED = ("create", "checkout-canary", 201)
+UPDATED = ("update", "checkout-canary", 200)
 
 
-def router(kube_client: client.ApiClient, **options: Any) -> NginxIngressRouter:
+def ref(namespace: str) -> RolloutRef:
+    return RolloutRef(namespace, "checkout", "checkout", "checkout-canary", "checkout")
+
+
+def router(controller_api: client.ApiClient, **options: Any) -> NginxIngressRouter:
     settings: dict[str, Any] = {
         "ingress": "checkout",
         "canary_service": "checkout-canary",
@@ -255,203 +269,331 @@ def router(kube_client: client.ApiClient, **options: Any) -> NginxIngressRouter:
         "header_value": "yes",
         **options,
     }
-    return NginxIngressRouter(kube_client, **settings)
+    return NginxIngressRouter(controller_api, **settings)
 
 
-def stored(apiserver: ApiServer, name: str = "checkout-canary") -> dict[str, Any] | None:
-    return apiserver.read("Ingress", name, NS)
-
-
-def user_ingress() -> dict[str, Any]:
+def user_ingress(namespace: str) -> dict[str, Any]:
     """The stable Ingress as a user applies it (the server sets the rest)."""
-    return without_server_fields(load(STABLE_YAML))
+    ingress = without_server_fields(load(STABLE_YAML))
+    ingress["metadata"]["namespace"] = namespace
+    del ingress["status"]  # the server ignores status on create: it belongs to the controller
+    return ingress
 
 
-def seed_stable(apiserver: ApiServer) -> dict[str, Any]:
-    return apiserver.seed(user_ingress())
+async def create(admin_api: client.ApiClient, ingress: dict[str, Any]) -> dict[str, Any]:
+    """Create as the user applies it; the Ingress as the server stored it."""
+    body = client.V1Ingress.from_dict(ingress)
+    assert body is not None
+    response = await client.NetworkingV1Api(
+        admin_api
+    ).create_namespaced_ingress_without_preload_content(ingress["metadata"]["namespace"], body)
+    assert response.status == 201, await response.read()
+    return cast(dict[str, Any], json.loads(await response.read()))
 
 
-def assert_writes_validate(apiserver: ApiServer) -> int:
-    writes = [call for call in apiserver.writes() if call.method != "DELETE"]
-    for call in writes:
-        validate_builtin(call.body)
-    return len(writes)
+async def stored(
+    admin_api: client.ApiClient, namespace: str, name: str = "checkout-canary"
+) -> dict[str, Any] | None:
+    """The Ingress as the server returns it, raw JSON (None when there is none)."""
+    response = await client.NetworkingV1Api(
+        admin_api
+    ).read_namespaced_ingress_without_preload_content(name, namespace)
+    if response.status == 404:  # the raw variant answers an error instead of raising it
+        return None
+    assert response.status == 200, await response.read()
+    return cast(dict[str, Any], json.loads(await response.read()))
+
+
+async def patch_ingress(
+    admin_api: client.ApiClient, namespace: str, name: str, patch: dict[str, Any]
+) -> None:
+    """A merge patch, as `kubectl annotate --overwrite` or `kubectl patch --type merge` sends."""
+    await client.CustomObjectsApi(admin_api).patch_namespaced_custom_object(
+        "networking.k8s.io", "v1", namespace, "ingresses", name, patch
+    )
 
 
 @pytest.mark.asyncio
 async def test_a_linear_rollout_and_a_rollback_through_the_canary_ingress(
-    apiserver: ApiServer, kube_client: client.ApiClient
+    control_plane: ControlPlane,
+    admin_api: client.ApiClient,
+    controller_api: client.ApiClient,
+    namespace: str,
 ) -> None:
-    applied = client.V1Ingress.from_dict(user_ingress())
-    assert applied is not None
-    await client.NetworkingV1Api(kube_client).create_namespaced_ingress(NS, applied)
-    stable = stored(apiserver, "checkout")
-    nginx = router(kube_client)
+    stable = await create(admin_api, user_ingress(namespace))
+    nginx = router(controller_api)
     assert isinstance(nginx, TrafficRouter)
-    assert await nginx.get_weight(REF) == 0
+    assert await nginx.get_weight(ref(namespace)) == 0
     for step, weight in ROLLOUT:
-        await nginx.set_weight(REF, weight)
-        assert await nginx.get_weight(REF) == weight
-        canary = stored(apiserver)
-        assert canary is not None, "weight 0 during a rollout keeps the canary Ingress"
-        assert_golden("nginx_ingress", step, canary)
-        assert canary_weight(canary) == weight
-    assert stored(apiserver, "checkout") == stable, "the stable Ingress is never written"
-    assert apiserver.writes(name="checkout") == [], "no write addresses the stable Ingress"
-    assert assert_writes_validate(apiserver) == 1 + len(ROLLOUT)
+        await nginx.set_weight(ref(namespace), weight)
+        assert await nginx.get_weight(ref(namespace)) == weight
+        canary_now = await stored(admin_api, namespace)
+        assert canary_now is not None, "weight 0 during a rollout keeps the canary Ingress"
+        assert_golden("nginx_ingress", step, canary_now, namespace)
+        assert canary_weight(canary_now) == weight
+    assert await stored(admin_api, namespace, "checkout") == stable, "the stable is never written"
+    events = await settled(control_plane, controller_api, namespace, "ingresses")
+    assert writes(events) == [CREATED] + [UPDATED] * (len(ROLLOUT) - 1), (
+        "no write addresses the stable Ingress, and the server took every canary one"
+    )
 
-    await nginx.remove(REF)  # the rollout has ended
-    assert stored(apiserver) is None
-    assert await nginx.get_weight(REF) == 0
-    await nginx.remove(REF)  # nothing left to delete: no error
+    await nginx.remove(ref(namespace))  # the rollout has ended
+    assert await stored(admin_api, namespace) is None
+    assert await nginx.get_weight(ref(namespace)) == 0
+    await nginx.remove(ref(namespace))  # nothing left to delete: no error
+    events = await settled(control_plane, controller_api, namespace, "ingresses")
+    assert writes(events)[len(ROLLOUT) :] == [("delete", "checkout-canary", 200)]
 
 
 @pytest.mark.asyncio
 async def test_weight_zero_creates_nothing_and_set_weight_is_idempotent(
-    apiserver: ApiServer, kube_client: client.ApiClient
+    control_plane: ControlPlane,
+    admin_api: client.ApiClient,
+    controller_api: client.ApiClient,
+    namespace: str,
 ) -> None:
-    seed_stable(apiserver)
-    nginx = router(kube_client)
-    await nginx.set_weight(REF, 0)
-    assert apiserver.writes() == []
-    await nginx.set_weight(REF, 10)
-    await nginx.set_weight(REF, 10)
-    assert [call.method for call in apiserver.writes()] == ["POST"]
+    await create(admin_api, user_ingress(namespace))
+    nginx = router(controller_api)
+    await nginx.set_weight(ref(namespace), 0)
+    assert writes(await settled(control_plane, controller_api, namespace, "ingresses")) == []
+    await nginx.set_weight(ref(namespace), 10)
+    # what the server stores (its status {loadBalancer: {}} aside) is what we wrote
+    await nginx.set_weight(ref(namespace), 10)
+    events = await settled(control_plane, controller_api, namespace, "ingresses")
+    assert writes(events) == [CREATED]
 
 
 @pytest.mark.asyncio
 async def test_a_change_to_the_stable_ingress_reaches_the_canary(
-    apiserver: ApiServer, kube_client: client.ApiClient
+    admin_api: client.ApiClient, controller_api: client.ApiClient, namespace: str
 ) -> None:
-    stable = seed_stable(apiserver)
-    nginx = router(kube_client)
-    await nginx.set_weight(REF, 10)
-    stable["metadata"]["annotations"][f"{P}/proxy-read-timeout"] = "120"
-    apiserver.seed(stable)
-    await nginx.set_weight(REF, 25)
-    canary = stored(apiserver)
-    assert canary is not None
-    assert canary["metadata"]["annotations"][f"{P}/proxy-read-timeout"] == "120"
+    await create(admin_api, user_ingress(namespace))
+    nginx = router(controller_api)
+    await nginx.set_weight(ref(namespace), 10)
+    await patch_ingress(
+        admin_api,
+        namespace,
+        "checkout",
+        {"metadata": {"annotations": {f"{P}/proxy-read-timeout": "120"}}},
+    )
+    await nginx.set_weight(ref(namespace), 25)
+    canary_now = await stored(admin_api, namespace)
+    assert canary_now is not None
+    assert canary_now["metadata"]["annotations"][f"{P}/proxy-read-timeout"] == "120"
 
 
 @pytest.mark.asyncio
 async def test_a_revert_by_someone_else_is_reported_and_written_again(
-    apiserver: ApiServer, kube_client: client.ApiClient
+    control_plane: ControlPlane,
+    admin_api: client.ApiClient,
+    controller_api: client.ApiClient,
+    namespace: str,
 ) -> None:
-    seed_stable(apiserver)
+    await create(admin_api, user_ingress(namespace))
     reverts: list[tuple[str, int, int]] = []
-    nginx = router(kube_client, on_revert=lambda *seen: reverts.append(seen))
-    await nginx.set_weight(REF, 10)
-    await nginx.set_weight(REF, 25)
-    assert not await nginx.reconcile(REF)
-    api = client.NetworkingV1Api(kube_client)
+    nginx = router(controller_api, on_revert=lambda *seen: reverts.append(seen))
+    name = f"Ingress {namespace}/checkout-canary"
+    await nginx.set_weight(ref(namespace), 10)
+    await nginx.set_weight(ref(namespace), 25)
+    assert not await nginx.reconcile(ref(namespace))
 
-    async def put_back(weight: int) -> None:
-        canary = await api.read_namespaced_ingress("checkout-canary", NS)
-        assert canary.metadata is not None and canary.metadata.annotations is not None
-        canary.metadata.annotations[f"{P}/canary-weight"] = str(weight)
-        await api.replace_namespaced_ingress("checkout-canary", NS, canary)
+    async def put_back(weight: int) -> None:  # kubectl annotate --overwrite
+        await patch_ingress(
+            admin_api,
+            namespace,
+            "checkout-canary",
+            {"metadata": {"annotations": {f"{P}/canary-weight": str(weight)}}},
+        )
+
+    async def weight_now() -> int:
+        return canary_weight(await stored(admin_api, namespace) or {})
 
     await put_back(10)
-    assert await nginx.get_weight(REF) == 10, "get_weight reports what is there"
-    assert await nginx.get_weight(REF) == 10
-    assert reverts == [("Ingress shop/checkout-canary", 25, 10)], "reported once"
-    assert await nginx.reconcile(REF)
-    assert canary_weight(stored(apiserver) or {}) == 25
+    assert await nginx.get_weight(ref(namespace)) == 10, "get_weight reports what is there"
+    assert await nginx.get_weight(ref(namespace)) == 10
+    assert reverts == [(name, 25, 10)], "reported once"
+    assert await nginx.reconcile(ref(namespace))
+    assert await weight_now() == 25
 
     await put_back(5)
-    await set_weight_confirmed(nginx, REF, 25, InstantClock())
-    assert canary_weight(stored(apiserver) or {}) == 25
-    assert reverts[-1] == ("Ingress shop/checkout-canary", 25, 5)
+    await set_weight_confirmed(nginx, ref(namespace), 25, InstantClock())
+    assert await weight_now() == 25
+    assert reverts[-1] == (name, 25, 5)
 
-    await api.delete_namespaced_ingress("checkout-canary", NS)  # deleted is a revert to 0
-    assert await nginx.get_weight(REF) == 0
-    assert reverts[-1] == ("Ingress shop/checkout-canary", 25, 0)
-    assert await nginx.reconcile(REF)
-    assert canary_weight(stored(apiserver) or {}) == 25
-    assert_writes_validate(apiserver)
+    # deleted (kubectl delete) is a revert to 0
+    await client.NetworkingV1Api(admin_api).delete_namespaced_ingress("checkout-canary", namespace)
+    assert await nginx.get_weight(ref(namespace)) == 0
+    assert reverts[-1] == (name, 25, 0)
+    assert await nginx.reconcile(ref(namespace))
+    assert await weight_now() == 25
+    events = await settled(control_plane, controller_api, namespace, "ingresses")
+    assert {code for _, _, code in writes(events)} <= {200, 201}, "every write was accepted"
 
 
 @pytest.mark.asyncio
 async def test_a_missing_or_malformed_object_is_named(
-    apiserver: ApiServer, kube_client: client.ApiClient
+    control_plane: ControlPlane,
+    admin_api: client.ApiClient,
+    controller_api: client.ApiClient,
+    namespace: str,
 ) -> None:
-    nginx = router(kube_client)
-    with pytest.raises(TrafficObjectError, match=r"^Ingress shop/checkout not found$"):
-        await nginx.set_weight(REF, 5)
-    stable = user_ingress()
+    nginx = router(controller_api)
+    with pytest.raises(TrafficObjectError, match=rf"^Ingress {namespace}/checkout not found$"):
+        await nginx.set_weight(ref(namespace), 5)
+    stable = user_ingress(namespace)
     for rule in stable["spec"]["rules"]:
         rule["http"]["paths"] = [
             p for p in rule["http"]["paths"] if p["backend"]["service"]["name"] != "checkout"
         ]
     stable["spec"]["rules"] = [r for r in stable["spec"]["rules"] if r["http"]["paths"]]
-    apiserver.seed(stable)
+    await create(admin_api, stable)
     with pytest.raises(TrafficObjectError) as caught:
-        await nginx.set_weight(REF, 5)
-    assert (
-        str(caught.value) == "Ingress shop/checkout: spec.rules has no backend for Service checkout"
+        await nginx.set_weight(ref(namespace), 5)
+    assert str(caught.value) == (
+        f"Ingress {namespace}/checkout: spec.rules has no backend for Service checkout"
     )
-    assert apiserver.writes() == []
+    assert writes(await settled(control_plane, controller_api, namespace, "ingresses")) == []
 
 
 @pytest.mark.asyncio
 async def test_weight_zero_still_works_when_the_stable_ingress_is_gone(
-    apiserver: ApiServer, kube_client: client.ApiClient
+    control_plane: ControlPlane,
+    admin_api: client.ApiClient,
+    controller_api: client.ApiClient,
+    namespace: str,
 ) -> None:
-    seed_stable(apiserver)
-    nginx = router(kube_client)
-    await nginx.set_weight(REF, 25)
-    await client.NetworkingV1Api(kube_client).delete_namespaced_ingress("checkout", NS)
-    with pytest.raises(TrafficObjectError, match=r"^Ingress shop/checkout not found$"):
-        await nginx.set_weight(REF, 50)
-    await nginx.set_weight(REF, 0)  # a rollback must still take the canary's share away
-    canary_now = stored(apiserver)
+    await create(admin_api, user_ingress(namespace))
+    nginx = router(controller_api)
+    await nginx.set_weight(ref(namespace), 25)
+    await client.NetworkingV1Api(admin_api).delete_namespaced_ingress("checkout", namespace)
+    with pytest.raises(TrafficObjectError, match=rf"^Ingress {namespace}/checkout not found$"):
+        await nginx.set_weight(ref(namespace), 50)
+    await nginx.set_weight(ref(namespace), 0)  # a rollback must still take the canary's share
+    canary_now = await stored(admin_api, namespace)
     assert canary_now is not None
     assert canary_weight(canary_now) == 0
     assert not any("canary-by" in key for key in canary_now["metadata"]["annotations"])
-    assert await nginx.get_weight(REF) == 0
-    assert_writes_validate(apiserver)
+    assert await nginx.get_weight(ref(namespace)) == 0
+    events = await settled(control_plane, controller_api, namespace, "ingresses")
+    assert writes(events) == [CREATED, UPDATED]
 
 
 @pytest.mark.asyncio
 async def test_an_ingress_we_do_not_manage_is_never_touched(
-    apiserver: ApiServer, kube_client: client.ApiClient
+    control_plane: ControlPlane,
+    admin_api: client.ApiClient,
+    controller_api: client.ApiClient,
+    namespace: str,
 ) -> None:
-    seed_stable(apiserver)
+    await create(admin_api, user_ingress(namespace))
     theirs = canary(30)
+    theirs["metadata"]["namespace"] = namespace
     theirs["metadata"]["labels"] = {"team": "payments"}
-    apiserver.seed(theirs)
-    nginx = router(kube_client)
-    for call in (nginx.set_weight(REF, 5), nginx.remove(REF)):
+    before = await create(admin_api, theirs)
+    nginx = router(controller_api)
+    for call in (nginx.set_weight(ref(namespace), 5), nginx.remove(ref(namespace))):
         with pytest.raises(TrafficObjectError) as caught:
             await call
         assert str(caught.value) == (
-            "Ingress shop/checkout-canary: metadata.labels exists and is not managed by "
+            f"Ingress {namespace}/checkout-canary: metadata.labels exists and is not managed by "
             "codedance (no label app.kubernetes.io/managed-by: codedance)"
         )
-    assert apiserver.writes() == []
+    assert await stored(admin_api, namespace) == before
+    assert writes(await settled(control_plane, controller_api, namespace, "ingresses")) == []
+
+
+@pytest.mark.asyncio
+async def test_a_canary_the_server_refuses_names_the_ingress_and_the_field(
+    control_plane: ControlPlane,
+    admin_api: client.ApiClient,
+    controller_api: client.ApiClient,
+    namespace: str,
+) -> None:
+    stable = user_ingress(namespace)
+    stable["spec"]["ingressClassName"] = "nginx"
+    await create(admin_api, stable)
+    # The server refuses a class annotation that disagrees with ingressClassName on
+    # create only, so a stable Ingress may carry both after an update; its clone may not.
+    await patch_ingress(
+        admin_api,
+        namespace,
+        "checkout",
+        {"metadata": {"annotations": {"kubernetes.io/ingress.class": "public"}}},
+    )
+    with pytest.raises(TrafficObjectError) as caught:
+        await router(controller_api).set_weight(ref(namespace), 5)
+    assert caught.value.field == "annotations.kubernetes.io/ingress.class"
+    assert str(caught.value) == (
+        f"Ingress {namespace}/checkout-canary: annotations.kubernetes.io/ingress.class is "
+        'refused by the API server: Invalid value: "public": must match `ingressClassName` '
+        "when both are specified"
+    )
+    events = await settled(control_plane, controller_api, namespace, "ingresses")
+    assert writes(events) == [("create", "checkout-canary", 422)]
+
+
+def someone_writes_after_our_read(
+    nginx: NginxIngressRouter, admin_api: client.ApiClient, times: int
+) -> list[str]:
+    """Another writer labels the canary Ingress between our read of it and our write.
+
+    The next `times` reads of the canary Ingress are each followed by the
+    admin's write, so the router's write carries a resourceVersion the real
+    server no longer has, and the server answers 409. Returns the labels set.
+    """
+    read = nginx._api.read_namespaced_ingress
+    labelled: list[str] = []
+
+    async def read_then_someone_writes(name: str, namespace: str, **kwargs: Any) -> Any:
+        found = await read(name, namespace, **kwargs)
+        if name == "checkout-canary" and len(labelled) < times:
+            labelled.append(f"shop-{len(labelled)}")
+            await patch_ingress(
+                admin_api, namespace, name, {"metadata": {"labels": {"team": labelled[-1]}}}
+            )
+        return found
+
+    nginx._api.read_namespaced_ingress = read_then_someone_writes  # type: ignore[method-assign,assignment]
+    return labelled
 
 
 @pytest.mark.asyncio
 async def test_a_stale_write_is_read_again_and_retried(
-    apiserver: ApiServer, kube_client: client.ApiClient
+    control_plane: ControlPlane,
+    admin_api: client.ApiClient,
+    controller_api: client.ApiClient,
+    namespace: str,
 ) -> None:
-    seed_stable(apiserver)
-    nginx = router(kube_client)
-    apiserver.conflict_next_write(times=2)
-    await nginx.set_weight(REF, 5)
-    assert [call.status for call in apiserver.writes(ok=None)] == [409, 409, 201]
-    await nginx.set_weight(REF, 10)
-    canary_now = stored(apiserver)
-    assert canary_now is not None
-    canary_now["metadata"]["labels"]["team"] = "shop"
-    apiserver.seed(canary_now)  # someone else wrote since; our next write reads it again
-    apiserver.conflict_next_write(times=1)
-    await nginx.set_weight(REF, 25)
-    canary_now = stored(apiserver)
+    await create(admin_api, user_ingress(namespace))
+    nginx = router(controller_api)
+    # Another replica creates the canary Ingress between our read (none) and our create.
+    other = router(controller_api)
+    read = nginx._api.read_namespaced_ingress
+    raced = False
+
+    async def read_then_another_creates(name: str, namespace: str, **kwargs: Any) -> Any:
+        nonlocal raced
+        try:
+            return await read(name, namespace, **kwargs)
+        finally:
+            if name == "checkout-canary" and not raced:
+                raced = True
+                await other.set_weight(ref(namespace), 10)
+
+    nginx._api.read_namespaced_ingress = read_then_another_creates  # type: ignore[method-assign,assignment]
+    await nginx.set_weight(ref(namespace), 5)
+    assert canary_weight(await stored(admin_api, namespace) or {}) == 5
+    events = await settled(control_plane, controller_api, namespace, "ingresses")
+    assert writes(events) == [CREATED, ("create", "checkout-canary", 409), UPDATED]
+
+    labels = someone_writes_after_our_read(nginx, admin_api, times=2)
+    await nginx.set_weight(ref(namespace), 25)
+    canary_now = await stored(admin_api, namespace)
     assert canary_now is not None
     assert canary_weight(canary_now) == 25
-    assert canary_now["metadata"]["labels"]["team"] == "shop", "their label is kept"
-    apiserver.conflict_next_write(times=5)
+    assert canary_now["metadata"]["labels"]["team"] == labels[-1], "their label is kept"
+    events = await settled(control_plane, controller_api, namespace, "ingresses")
+    assert [code for _, _, code in writes(events)][3:] == [409, 409, 200]
+    someone_writes_after_our_read(nginx, admin_api, times=5)
     with pytest.raises(TrafficObjectError, match="changed by another writer 5 times in a row"):
-        await nginx.set_weight(REF, 50)
+        await nginx.set_weight(ref(namespace), 50)
