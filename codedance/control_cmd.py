@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import time
@@ -145,9 +146,25 @@ def _connected(args: argparse.Namespace, body: Any) -> int:
 def _api_message(error: ApiException) -> str:
     if error.status == 404:
         return "not found (is the CanaryDeployment there, and the CRD installed?)"
+    said = _server_says(error)
     if error.status in (401, 403):
-        return f"the API server refused access ({error.status} {error.reason})"
-    return f"the API server answered {error.status} {error.reason}"
+        return f"the API server refused access ({error.status} {error.reason}){said}"
+    return f"the API server answered {error.status} {error.reason}{said}"
+
+
+def _server_says(error: ApiException) -> str:
+    """The message of the API server's Status, on one line (": ..."), if it sent one.
+
+    A 403's message names the user the server authenticated and what it may
+    not do, which is what a person needs to ask for the right role.
+    """
+    body = error.body.decode("utf-8", "replace") if isinstance(error.body, bytes) else error.body
+    try:
+        status = json.loads(body or "")
+    except ValueError:
+        return ""
+    message = status.get("message") if isinstance(status, dict) else None
+    return f": {' '.join(str(message).split())}" if message else ""
 
 
 # --- status -------------------------------------------------------------------------

@@ -2,11 +2,17 @@
 
     codedance controller [--namespace NS] [--policies DIR] [--kubeconfig FILE]
                          [--prometheus URL] [--catalog plain] [--listen :8080]
+                         [--audit-log FILE] [--lease-name NAME] [--lease-namespace NS]
 
 In: the cluster (in-cluster config, or a kubeconfig), the policy directory
 (usually the mounted ConfigMap), a Prometheus URL. Out: a process that serves
 `/metrics`, `/healthz` and `/readyz`, takes part in the Lease election, and,
 while it leads, runs the engine and the CanaryDeployment controller.
+
+The Lease (`--lease-name`, default `codedance-controller`) lives in the
+controller's own namespace (`--lease-namespace`, else $POD_NAMESPACE, else the
+pod's ServiceAccount namespace, else `codedance`), where deploy/rbac.yaml
+grants the Lease verbs; the watched namespace has nothing to do with it.
 
 `/readyz` is true once the policies are loaded and the election has been
 tried once (this replica knows whether it leads). Only the leader runs the
@@ -27,6 +33,7 @@ import os
 import signal
 import socket
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from kubernetes.aio import client
@@ -50,6 +57,9 @@ from engine.ports import AuditSink, MetricRequest, MetricSource, MetricValues, T
 log = logging.getLogger("codedance.controller")
 
 LEASE_NAME = "codedance-controller"
+# deploy/rbac.yaml grants the Lease verbs by a Role in the controller's own namespace only
+LEASE_NAMESPACE = "codedance"
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 def add_command(commands: Any) -> None:
@@ -61,6 +71,15 @@ def add_command(commands: Any) -> None:
     cmd.add_argument("--catalog", default="plain", help="the Prometheus metric catalog")
     cmd.add_argument("--listen", default=":8080", metavar="[HOST]:PORT")
     cmd.add_argument("--audit-log", default=None, metavar="FILE", help="JSON lines audit log")
+    cmd.add_argument(
+        "--lease-name", default=LEASE_NAME, metavar="NAME", help=f"default: {LEASE_NAME}"
+    )
+    cmd.add_argument(
+        "--lease-namespace",
+        default=None,
+        metavar="NS",
+        help=f"default: $POD_NAMESPACE, else the pod's own namespace, else {LEASE_NAMESPACE}",
+    )
     cmd.set_defaults(run=_run)
 
 
@@ -82,6 +101,22 @@ def _listen(text: str) -> tuple[str, int]:
 
 async def _configuration(kubeconfig: str | None) -> client.Configuration:
     return await configuration(kubeconfig)
+
+
+def lease_namespace(args: argparse.Namespace) -> str:
+    """Where the Lease lives: the controller's own namespace, never the one it watches.
+
+    The Role that lets the controller use Leases exists only there, so a Lease
+    in the watched namespace would be refused (403) and no replica would lead.
+    """
+    if args.lease_namespace:
+        return str(args.lease_namespace)
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    try:
+        return SERVICE_ACCOUNT_NAMESPACE.read_text(encoding="utf-8").strip() or LEASE_NAMESPACE
+    except OSError:  # not in a pod
+        return LEASE_NAMESPACE
 
 
 POD_METRICS = ("ready_pods", "not_ready_pods", "failed_pods", "restarts")
@@ -116,7 +151,7 @@ async def _main(args: argparse.Namespace) -> int:
     clock = LoopClock()
     telemetry = PrometheusTelemetry()
     identity = os.environ.get("POD_NAME") or socket.gethostname()
-    lease_ns = os.environ.get("POD_NAMESPACE") or args.namespace or "default"
+    lease_ns = lease_namespace(args)
     # SIGTERM cancels the main task, so that every `finally` below runs (the
     # Lease is released) instead of the process dying where it stands.
     main, terminated = asyncio.current_task(), asyncio.Event()
@@ -130,7 +165,7 @@ async def _main(args: argparse.Namespace) -> int:
     async with client.ApiClient(await _configuration(args.kubeconfig)) as api:
         store = PolicyStore(args.policies, telemetry=telemetry)
         elector = LeaseElector(
-            api, namespace=lease_ns, name=LEASE_NAME, identity=identity, clock=clock
+            api, namespace=lease_ns, name=args.lease_name, identity=identity, clock=clock
         )
         tried = asyncio.Event()
         host, port = _listen(args.listen)

@@ -190,5 +190,16 @@ class LeaseElector:
 
     def _failed(self, error: ApiException) -> bool:
         # keep `_renewed`: leadership lapses by time alone, not by one failed request
-        log.warning("Lease %s/%s: %s %s", self.namespace, self.name, error.status, error.reason)
+        if retry.status_code(error) in (401, 403):
+            # no retry cures this: the replica would wait forever, so say why
+            log.error(
+                "Lease %s/%s: %s %s: the controller may not use Leases there "
+                "(deploy/rbac.yaml grants get, create and update on leases in its own namespace)",
+                self.namespace,
+                self.name,
+                error.status,
+                error.reason,
+            )
+        else:
+            log.warning("Lease %s/%s: %s %s", self.namespace, self.name, error.status, error.reason)
         return self.is_leader

@@ -1,41 +1,259 @@
-"""Manual control over HTTP against the API double: `codedance status` and the commands.
+"""Manual control on the real control plane: `codedance status` and the commands, run by people.
 
-The controller runs as in test_controller.py (the real `kubernetes.aio`
-client, a reactor playing the Deployment controller, Gateway API traffic);
-the command line runs through `codedance.cli.main` in a thread of its own
-(it has its own event loop), with `--kubeconfig` pointing at the double, as
-a person's terminal would.
+The controller runs in the test's event loop as its ServiceAccount
+(`controller_api`, exactly deploy/rbac.yaml's rights), wired as `codedance
+controller` wires it, with a `ReplaySource` for metrics and an in-memory
+audit log; the real Deployment controller and the fake nodes run the pods.
+The command line runs through `codedance.cli.main` in a thread of its own
+(it has its own event loop) with a person's kubeconfig, as a terminal would:
+bob (the approver) for the commands and `status`, alice (the releaser), and
+people with no rights at all. The test reads what a user would, as admin,
+and what each person really asked of the API server from its audit log.
+
+Who the audit line and the Event name today: the *kubeconfig's user name*
+(the `user` of its current context), which the command writes into the
+annotation. The API server authenticates the token, not that name; the test
+pins the name as it is (a later change records the authenticated user).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
+import yaml
 from kubernetes.aio import client
+from kubernetes.aio.client.exceptions import ApiException
 
 from adapters.kube.commands import COMMAND, HANDLED, Command, command_patch, pending
+from adapters.kube.controller import Controller, Policies, RolloutRouters, RolloutWorkloads
+from adapters.kube.events import EventAudit, EventRecorder
+from adapters.kube.models import CanaryDeployment
+from adapters.kube.store import StatusStore
+from adapters.kube.workloads import KubeWorkloads
+from adapters.metrics.replay import ReplaySource
+from adapters.traffic.gateway_api import GatewayApiRouter, canary_weights
 from codedance.cli import main
 from codedance.control_cmd import kubeconfig_user
-from tests.kube.apiserver import ApiServer
-from tests.kube.conftest import USER
-from tests.kube.test_controller import HEALTHY, NS, POLICY, Rig, canary, running, setup
+from engine.audit import MemoryAudit
+from engine.loop import Engine, LoopClock
+from engine.policystore import PolicyStore
+from tests.cluster.controlplane import ControlPlane
+from tests.cluster.kube import Objects, audit_events, eventually
 
+POLICY = "latency: p99 > 300ms for 1s -> rollback\n"
+HEALTHY = {"canary.p99": "0.1x1000", "stable.p99": "0.1x1000"}
 MANUAL = {"type": "manual", "stepDuration": "200ms", "maxWeight": 25}  # weights 5, 10, 25
 HOUR = {"type": "steps", "steps": [20, 40], "stepDuration": "1h"}
+CD = "codedance.io/v1alpha1", "CanaryDeployment"
+NAME = "web-release"
+
+JsonObject = dict[str, Any]
+Kubeconfig = Callable[[str, str], Path]
 
 
 async def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = await asyncio.to_thread(main, list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def stable_deployment() -> JsonObject:
+    labels = {"app": "web", "codedance.io/track": "stable"}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web", "labels": {"app": "web"}},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [{"name": "web", "image": "web:1"}]},
+            },
+        },
+    }
+
+
+def http_route() -> JsonObject:
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "web"},
+        "spec": {
+            "parentRefs": [{"name": "gateway"}],
+            "rules": [{"backendRefs": [{"name": "web", "port": 80}]}],
+        },
+    }
+
+
+def canary(**spec: Any) -> JsonObject:
+    body: JsonObject = {
+        "targetRef": {"name": "web"},
+        "version": {"images": {"web": "web:2"}},
+        "strategy": {"type": "steps", "steps": [25, 50], "stepDuration": "300ms"},
+        "traffic": {"provider": "gateway-api", "service": "web", "httpRoute": "web"},
+        "policy": {"name": "latency"},
+        "analysis": {"interval": "100ms"},
+    }
+    body.update(spec)
+    return {"apiVersion": CD[0], "kind": CD[1], "metadata": {"name": NAME}, "spec": body}
+
+
+class Rig:
+    """The controller wired as `codedance controller` wires it, as the controller's account."""
+
+    def __init__(self, api: client.ApiClient, policies: Path, namespace: str) -> None:
+        self.clock = LoopClock()
+        store = PolicyStore(policies)
+        assert store.load().ok
+        self.policies = Policies(store)
+        self.audit_log = MemoryAudit()
+        audit = EventAudit(self.audit_log, EventRecorder(api, clock=self.clock))
+        routers, workloads = RolloutRouters(), RolloutWorkloads()
+        self.engine = Engine(
+            policies=self.policies,
+            metrics=ReplaySource(HEALTHY, interval=0.1, start=0.0),
+            router=routers,
+            workloads=workloads,
+            store=StatusStore(api, clock=self.clock),
+            audit=audit,
+            clock=self.clock,
+            metrics_window=1.0,
+        )
+
+        def router_for(cd: CanaryDeployment) -> GatewayApiRouter:
+            traffic = cd.spec.traffic
+            stable = traffic.service or cd.spec.target_ref.name
+            return GatewayApiRouter(
+                api,
+                http_route=traffic.http_route or stable,
+                stable_service=stable,
+                canary_service=traffic.canary_service or f"{stable}-canary",
+            )
+
+        def workloads_for(cd: CanaryDeployment) -> KubeWorkloads:
+            version = cd.spec.version
+            return KubeWorkloads(
+                api,
+                images=version.images,
+                pod_template_patch=version.pod_template_patch,
+                clock=self.clock,
+                poll_every=0.05,
+                ready_timeout=30,
+            )
+
+        self.controller = Controller(
+            api,
+            engine=self.engine,
+            policies=self.policies,
+            routers=routers,
+            workloads=workloads,
+            router_for=router_for,
+            workloads_for=workloads_for,
+            audit=audit,
+            clock=self.clock,
+            namespace=namespace,
+            retry_after=0.05,
+        )
+
+    def actions_by(self, actor: str) -> list[Any]:
+        return [e for e in self.audit_log.entries if e.actor == actor]
+
+
+@contextlib.asynccontextmanager
+async def running(rig: Rig) -> AsyncIterator[Rig]:
+    engine = asyncio.ensure_future(rig.engine.run())
+    controller = asyncio.ensure_future(rig.controller.run())
+    try:
+        yield rig
+    finally:
+        await rig.controller.stop()
+        # a real server's watch does not end when we stop: cancel it
+        controller.cancel()
+        await asyncio.gather(controller, return_exceptions=True)
+        await rig.controller.idle()
+        await rig.engine.stop()
+        await asyncio.wait_for(engine, 5)
+
+
+class Cluster:
+    """What a user sees in the test's namespace, read as admin."""
+
+    def __init__(self, admin: client.ApiClient, namespace: str, plane: ControlPlane) -> None:
+        self.admin = admin
+        self.namespace = namespace
+        self.plane = plane
+        self.objects = Objects(admin, namespace)
+
+    async def create(self, obj: JsonObject) -> JsonObject:
+        return await self.objects.create(obj)
+
+    async def release(self) -> JsonObject:
+        obj = await self.objects.read(*CD, NAME)
+        assert obj is not None
+        return obj
+
+    async def status(self) -> JsonObject:
+        return dict((await self.release()).get("status") or {})
+
+    async def until(self, check: Callable[[JsonObject], bool], timeout: float = 30) -> JsonObject:
+        """The status, once `check(status)` holds."""
+
+        async def reached() -> JsonObject | None:
+            status = await self.status()
+            return status if check(status) else None
+
+        found: JsonObject = await eventually(reached, timeout=timeout, every=0.05)
+        return found
+
+    async def until_phase(self, phase: str, timeout: float = 30) -> JsonObject:
+        return await self.until(lambda s: s.get("phase") == phase, timeout)
+
+    async def handled(self) -> JsonObject | None:
+        text = ((await self.release())["metadata"].get("annotations") or {}).get(HANDLED)
+        return json.loads(text) if text else None
+
+    async def events(self) -> list[tuple[str, str, str]]:
+        listed = await client.CoreV1Api(self.admin).list_namespaced_event(
+            self.namespace, field_selector=f"involvedObject.name={NAME}"
+        )
+        ordered = sorted(listed.items, key=lambda e: int(e.metadata.resource_version or 0))
+        return [(str(e.type), str(e.reason), str(e.message)) for e in ordered]
+
+    async def until_event(self, check: Callable[[str, str, str], bool]) -> list[Any]:
+        async def seen() -> list[Any]:
+            return [e for e in await self.events() if check(*e)]
+
+        found: list[Any] = await eventually(seen, timeout=10)
+        return found
+
+    async def route_weights(self) -> list[int]:
+        route = await self.objects.read("gateway.networking.k8s.io/v1", "HTTPRoute", "web")
+        assert route is not None
+        return canary_weights(route, "web", "web-canary")
+
+    def requests_of(self, user: str) -> list[tuple[str, str, str, int]]:
+        """What `user` asked of the API server in this namespace: (verb, resource, name, code)."""
+        return [
+            (e.verb, e.resource, e.name, e.code)
+            for e in audit_events(self.plane.audit_log, user)
+            if e.namespace == self.namespace
+        ]
+
+    async def drop_finalizers(self) -> None:
+        """After the controller stopped: let the namespace's deletion finish."""
+        with contextlib.suppress(ApiException):
+            if await self.objects.read(*CD, NAME) is not None:
+                await self.objects.patch(*CD, NAME, {"metadata": {"finalizers": None}})
 
 
 @pytest.fixture
@@ -47,19 +265,56 @@ def policy_dir(tmp_path: Path) -> Path:
 
 
 @pytest_asyncio.fixture
+async def cluster(
+    admin_api: client.ApiClient, namespace: str, control_plane: ControlPlane
+) -> AsyncIterator[Cluster]:
+    view = Cluster(admin_api, namespace, control_plane)
+    await view.create(stable_deployment())
+    await view.create(http_route())
+    yield view
+    await view.drop_finalizers()
+
+
+@pytest_asyncio.fixture
 async def rig(
-    apiserver: ApiServer, kube_client: client.ApiClient, policy_dir: Path
+    cluster: Cluster, controller_api: client.ApiClient, policy_dir: Path
 ) -> AsyncIterator[Rig]:
-    setup(apiserver)
-    async with running(Rig(apiserver, kube_client, policy_dir, HEALTHY)) as rig:
+    async with running(Rig(controller_api, policy_dir, cluster.namespace)) as rig:
         yield rig
 
 
-def handled(rig: Rig) -> dict[str, Any] | None:
-    obj = rig.apiserver.read("canarydeployments", "web-release", NS)
-    assert obj is not None
-    text = (obj["metadata"].get("annotations") or {}).get(HANDLED)
-    return json.loads(text) if text else None
+@pytest.fixture
+def bob(kubeconfig_as: Kubeconfig, namespace: str) -> str:
+    """bob's kubeconfig (the approver), its context in the test's namespace."""
+    return str(kubeconfig_as("bob", namespace))
+
+
+async def nobody(cluster: Cluster, tmp_path: Path, bob: str) -> str:
+    """A kubeconfig for a ServiceAccount with no rights at all (a token the server accepts)."""
+    core = client.CoreV1Api(cluster.admin)
+    account = client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="eve"))
+    await core.create_namespaced_service_account(cluster.namespace, account)
+    request = await core.create_namespaced_service_account_token(
+        "eve",
+        cluster.namespace,
+        client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=600)
+        ),
+    )
+    assert request.status is not None
+    return kubeconfig_with(tmp_path / "kubeconfig-eve", bob, user="eve", token=request.status.token)
+
+
+def kubeconfig_with(path: Path, base: str, *, user: str, token: str | None = None) -> str:
+    """`base` with its user renamed to `user` (and its token replaced, if given)."""
+    document = yaml.safe_load(Path(base).read_text())
+    entry = document["users"][0]
+    entry["name"] = user
+    if token is not None:
+        entry["user"]["token"] = token
+    document["contexts"][0]["context"]["user"] = user
+    path.write_text(yaml.safe_dump(document))
+    return str(path)
 
 
 def test_a_command_is_pending_until_its_id_is_handled() -> None:
@@ -74,157 +329,221 @@ def test_a_command_is_pending_until_its_id_is_handled() -> None:
 
 @pytest.mark.asyncio
 async def test_approve_moves_a_waiting_manual_rollout_one_step_as_the_kubeconfig_user(
-    rig: Rig, kubeconfig: Path, capsys: pytest.CaptureFixture[str]
+    cluster: Cluster, rig: Rig, bob: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rig.apiserver.seed(canary(strategy=MANUAL))
-    await rig.until(lambda: rig.status().get("phase") == "WaitingForApproval")
-    assert rig.status()["step"] == 0
+    await cluster.create(canary(strategy=MANUAL))
+    status = await cluster.until_phase("WaitingForApproval")
+    assert status["step"] == 0
 
-    code, out, err = await cli(
-        capsys, "approve", "web-release", "--kubeconfig", str(kubeconfig), "--reason", "ok"
-    )
+    code, out, err = await cli(capsys, "approve", NAME, "--kubeconfig", bob, "--reason", "ok")
     assert (code, err) == (0, ""), err
-    assert "approve done" in out and "web-release" in out
-    assert rig.status()["step"] == 1 and rig.status()["weight"] == 10
+    assert "approve done" in out and NAME in out
+    # the outcome is written after the status: once the command returns, the step is taken
+    status = await cluster.status()
+    assert status["step"] == 1 and status["weight"] == 10
     # the approved step is an audit line and an Event by the kubeconfig's user
-    mine = [e for e in rig.audit_log.entries if e.actor == USER]
-    assert [(e.from_phase.value, e.to_phase.value, e.weight) for e in mine] == [
+    assert [(e.from_phase.value, e.to_phase.value, e.weight) for e in rig.actions_by("bob")] == [
         ("WaitingForApproval", "Progressing", 10)
     ]
-    await rig.until(lambda: any(f"by {USER}, weight 10" in m for _, _, m in rig.events_of()))
+    await cluster.until_event(lambda _, __, message: "by bob, weight 10" in message)
+    # and the API server saw bob, with the approver's rights, patch it and read it back
+    requests = cluster.requests_of("bob")
+    assert ("patch", "canarydeployments", NAME, 200) in requests
+    assert {verb for verb, *_ in requests} == {"patch", "get"}
+    assert all(code == 200 for *_, code in requests)
 
 
 @pytest.mark.asyncio
 async def test_pause_then_resume(
-    rig: Rig, kubeconfig: Path, capsys: pytest.CaptureFixture[str]
+    cluster: Cluster, rig: Rig, bob: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rig.apiserver.seed(canary(strategy=HOUR))
-    await rig.until(lambda: rig.status().get("phase") == "Progressing")
+    await cluster.create(canary(strategy=HOUR))
+    await cluster.until_phase("Progressing")
 
-    code, out, _ = await cli(capsys, "pause", "web-release", "--kubeconfig", str(kubeconfig))
+    code, out, _ = await cli(capsys, "pause", NAME, "--kubeconfig", bob)
     assert code == 0 and "now Paused" in out
-    assert rig.status()["phase"] == "Paused" and rig.status()["pausedBy"] == USER
+    status = await cluster.status()
+    assert status["phase"] == "Paused" and status["pausedBy"] == "bob"
 
-    code, out, _ = await cli(capsys, "resume", "web-release", "--kubeconfig", str(kubeconfig))
+    code, out, _ = await cli(capsys, "resume", NAME, "--kubeconfig", bob)
     assert code == 0 and "now Progressing" in out
-    assert rig.status()["phase"] == "Progressing"
+    assert (await cluster.status())["phase"] == "Progressing"
     actors = {e.action: e.actor for e in rig.audit_log.entries}
-    assert actors.get("pause") == USER and actors.get("resume") == USER
+    assert actors.get("pause") == "bob" and actors.get("resume") == "bob"
 
 
 @pytest.mark.asyncio
 async def test_abort_rolls_the_rollout_back(
-    rig: Rig, kubeconfig: Path, capsys: pytest.CaptureFixture[str]
+    cluster: Cluster, rig: Rig, bob: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rig.apiserver.seed(canary(strategy=HOUR))
-    await rig.until(lambda: rig.route_weights() == [20])
+    await cluster.create(canary(strategy=HOUR))
 
-    code, _, err = await cli(
-        capsys, "abort", "web-release", "--kubeconfig", str(kubeconfig), "--reason", "bad build"
-    )
+    async def at_20() -> bool:
+        return await cluster.route_weights() == [20]
+
+    await eventually(at_20)
+
+    code, _, err = await cli(capsys, "abort", NAME, "--kubeconfig", bob, "--reason", "bad build")
     assert code == 0, err
-    await rig.until(lambda: rig.status().get("phase") == "RolledBack")
-    assert rig.route_weights() in ([], [0])
-    assert rig.apiserver.read("deployments", "web-canary", NS) is None
+    await cluster.until_phase("RolledBack")
+    assert await cluster.route_weights() in ([], [0])
+
+    async def canary_gone() -> bool:
+        return await cluster.objects.read("apps/v1", "Deployment", "web-canary") is None
+
+    await eventually(canary_gone)
     aborts = [e for e in rig.audit_log.entries if e.action == "abort"]
-    assert aborts and aborts[0].actor == USER and "bad build" in aborts[0].explanation
+    assert aborts and aborts[0].actor == "bob" and "bad build" in aborts[0].explanation
 
 
 @pytest.mark.asyncio
 async def test_approve_when_nothing_waits_is_refused_with_the_reason(
-    rig: Rig, kubeconfig: Path, capsys: pytest.CaptureFixture[str]
+    cluster: Cluster, rig: Rig, bob: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rig.apiserver.seed(canary(strategy=HOUR))
-    await rig.until(lambda: rig.status().get("phase") == "Progressing")
-    step = rig.status()["step"]
+    await cluster.create(canary(strategy=HOUR))
+    step = (await cluster.until_phase("Progressing"))["step"]
 
-    code, out, err = await cli(capsys, "approve", "web-release", "--kubeconfig", str(kubeconfig))
+    code, out, err = await cli(capsys, "approve", NAME, "--kubeconfig", bob)
     assert code == 1 and out == ""
     assert "refused" in err and "nothing waits for approval" in err
     assert len(err.strip().splitlines()) == 1
-    assert rig.status()["phase"] == "Progressing" and rig.status()["step"] == step
-    await rig.until(lambda: any(r == "CommandRefused" for _, r, _ in rig.events_of()))
-    refused = [(k, m) for k, r, m in rig.events_of() if r == "CommandRefused"]
-    assert refused[0][0] == "Warning" and "nothing waits" in refused[0][1]
+    status = await cluster.status()
+    assert status["phase"] == "Progressing" and status["step"] == step
+    refused = await cluster.until_event(lambda _, reason, __: reason == "CommandRefused")
+    assert refused[0][0] == "Warning" and "nothing waits" in refused[0][2]
 
 
 @pytest.mark.asyncio
 async def test_usage_and_missing_objects_exit_2_with_one_line(
-    rig: Rig, kubeconfig: Path, capsys: pytest.CaptureFixture[str]
+    cluster: Cluster, rig: Rig, bob: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, _, err = await cli(capsys, "approve", "nope", "--kubeconfig", str(kubeconfig))
-    assert code == 2 and "no CanaryDeployment default/nope" in err
+    code, _, err = await cli(capsys, "approve", "nope", "--kubeconfig", bob)
+    assert code == 2 and f"no CanaryDeployment {cluster.namespace}/nope" in err
     assert len(err.strip().splitlines()) == 1
-    code, _, err = await cli(capsys, "pause", "x", "--kubeconfig", str(kubeconfig) + ".missing")
+    assert ("patch", "canarydeployments", "nope", 404) in cluster.requests_of("bob")
+    code, _, err = await cli(capsys, "pause", "x", "--kubeconfig", bob + ".missing")
     assert code == 2 and "no kubeconfig" in err and "Traceback" not in err
 
 
 @pytest.mark.asyncio
-async def test_status_prints_the_table_with_the_explanation(
-    rig: Rig, kubeconfig: Path, capsys: pytest.CaptureFixture[str]
+async def test_people_without_the_rights_get_one_line_naming_what_was_refused(
+    cluster: Cluster, rig: Rig, bob: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rig.apiserver.seed(canary(strategy=HOUR))
-    await rig.until(lambda: bool(rig.status().get("lastVerdict")))
-    explanation = rig.status()["lastVerdict"]
+    await cluster.create(canary(strategy=HOUR))
+    await cluster.until_phase("Progressing")
+    eve = await nobody(cluster, tmp_path, bob)
+    for argv in (["pause", NAME], ["status"], ["status", NAME], ["status", "-A"]):
+        code, out, err = await cli(capsys, *argv, "--kubeconfig", eve)
+        assert code == 2 and out == "", (argv, out)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert "403 Forbidden" in err and "system:serviceaccount:" in err, err
+        assert "cannot" in err and "canarydeployments" in err, err
+    # nothing reached the object: no command asked for, still running
+    assert COMMAND not in ((await cluster.release())["metadata"].get("annotations") or {})
+    assert (await cluster.status())["phase"] == "Progressing"
 
-    code, out, _ = await cli(capsys, "status", "--kubeconfig", str(kubeconfig))
+    # a token the server does not know: 401, in one line too
+    stranger = kubeconfig_with(tmp_path / "kubeconfig-x", bob, user="x", token="not-a-token")
+    code, _, err = await cli(capsys, "pause", NAME, "--kubeconfig", stranger)
+    assert code == 2 and "401 Unauthorized" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.asyncio
+async def test_a_releaser_may_command_too_and_is_the_actor_recorded(
+    cluster: Cluster,
+    rig: Rig,
+    kubeconfig_as: Kubeconfig,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """alice may release, so she may patch: today a command needs no more than that."""
+    await cluster.create(canary(strategy=HOUR))
+    await cluster.until_phase("Progressing")
+    alice = str(kubeconfig_as("alice", cluster.namespace))
+    code, out, err = await cli(capsys, "pause", NAME, "--kubeconfig", alice)
+    assert code == 0 and "now Paused" in out, err
+    assert (await cluster.status())["pausedBy"] == "alice"
+    assert [e.action for e in rig.actions_by("alice")] == ["pause"]
+    assert ("patch", "canarydeployments", NAME, 200) in cluster.requests_of("alice")
+
+
+@pytest.mark.asyncio
+async def test_status_prints_the_table_with_the_explanation(
+    cluster: Cluster, rig: Rig, bob: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await cluster.create(canary(strategy=HOUR))
+    status = await cluster.until(lambda s: bool(s.get("lastVerdict")))
+    explanation = status["lastVerdict"]
+
+    code, out, _ = await cli(capsys, "status", "--kubeconfig", bob)
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split() == ["NAME", "PHASE", "WEIGHT", "STEP", "HEALTH", "AGE"]
     row = lines[1].split()
-    assert row[:4] == ["web-release", rig.status()["phase"], "20%", "0"]
+    assert row[:4] == [NAME, status["phase"], "20%", "0"]
     assert lines[2].strip() == explanation
 
-    code, out, _ = await cli(capsys, "status", "web-release", "--kubeconfig", str(kubeconfig))
+    code, out, _ = await cli(capsys, "status", NAME, "--kubeconfig", bob)
     assert code == 0
     assert "Conditions:" in out and "Ready=" in out
-    assert f"Policy hash:   {rig.status()['policyHash']}" in out
+    assert f"Policy hash:   {status['policyHash']}" in out
 
-    code, out, _ = await cli(capsys, "status", "-A", "--kubeconfig", str(kubeconfig))
+    code, out, _ = await cli(capsys, "status", "-A", "--kubeconfig", bob)
     assert code == 0 and out.splitlines()[0].split()[0] == "NAMESPACE"
+    assert any(line.split()[:2] == [cluster.namespace, NAME] for line in out.splitlines())
 
 
 @pytest.mark.asyncio
 async def test_a_restarted_controller_does_not_run_a_handled_command_again(
-    apiserver: ApiServer,
-    kube_client: client.ApiClient,
+    cluster: Cluster,
+    controller_api: client.ApiClient,
     policy_dir: Path,
-    kubeconfig: Path,
+    bob: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    setup(apiserver)
-    async with running(Rig(apiserver, kube_client, policy_dir, HEALTHY)) as first:
-        apiserver.seed(canary(strategy=MANUAL))
-        await first.until(lambda: first.status().get("phase") == "WaitingForApproval")
-        code, _, _ = await cli(capsys, "approve", "web-release", "--kubeconfig", str(kubeconfig))
+    async with running(Rig(controller_api, policy_dir, cluster.namespace)):
+        await cluster.create(canary(strategy=MANUAL))
+        await cluster.until_phase("WaitingForApproval")
+        code, _, _ = await cli(capsys, "approve", NAME, "--kubeconfig", bob)
         assert code == 0
         # step 1 passes and waits again: a second approve would now be legal
-        await first.until(
-            lambda: (first.status()["phase"], first.status()["step"]) == ("WaitingForApproval", 1)
-        )
-    assert (handled(first) or {}).get("ok") is True
-    async with running(Rig(apiserver, kube_client, policy_dir, HEALTHY)) as second:
-        await second.until(lambda: "default/web-release" in second.engine.keys())  # noqa: SIM118
+        await cluster.until(lambda s: (s.get("phase"), s.get("step")) == ("WaitingForApproval", 1))
+    handled = await cluster.handled()
+    assert (handled or {}).get("ok") is True
+    async with running(Rig(controller_api, policy_dir, cluster.namespace)) as second:
+        key = f"{cluster.namespace}/{NAME}"
+
+        async def resumed() -> bool:
+            return key in second.engine.keys()  # noqa: SIM118
+
+        await eventually(resumed)
+        # the reconcile that resumed the rollout has also looked at the command
+        # (commands.handle runs at its end): once it is done, so is the decision
         await second.controller.idle()
-        await asyncio.sleep(0.5)
-        assert (second.status()["phase"], second.status()["step"]) == ("WaitingForApproval", 1)
-        assert [e for e in second.audit_log.entries if e.actor == USER] == []
+        status = await cluster.status()
+        assert (status["phase"], status["step"]) == ("WaitingForApproval", 1)
+        assert second.actions_by("bob") == []
+        assert await cluster.handled() == handled
 
 
 def test_the_user_is_the_kubeconfig_context_user_else_dollar_user(
-    kubeconfig: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kubeconfig_as: Kubeconfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("USER", "fallback")
-    assert kubeconfig_user(str(kubeconfig)) == USER
+    bob = str(kubeconfig_as("bob", "default"))
+    assert kubeconfig_user(bob) == "bob"
+    # the name comes from the kubeconfig, not from the server: bob's token under
+    # another name is recorded under that name (the server still authenticates bob)
+    renamed = kubeconfig_with(tmp_path / "kubeconfig-renamed", bob, user="robert")
+    assert kubeconfig_user(renamed) == "robert"
     assert kubeconfig_user(str(tmp_path / "absent")) == "fallback"
 
 
 @pytest.mark.asyncio
 async def test_status_watch_prints_again_on_a_change_and_ctrl_c_exits_130(
-    rig: Rig, kubeconfig: Path
+    cluster: Cluster, rig: Rig, bob: str
 ) -> None:
-    rig.apiserver.seed(canary(strategy=HOUR))
-    await rig.until(lambda: rig.status().get("phase") == "Progressing")
+    await cluster.create(canary(strategy=HOUR))
+    await cluster.until_phase("Progressing")
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -232,7 +551,7 @@ async def test_status_watch_prints_again_on_a_change_and_ctrl_c_exits_130(
         "status",
         "--watch",
         "--kubeconfig",
-        str(kubeconfig),
+        bob,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -241,10 +560,15 @@ async def test_status_watch_prints_again_on_a_change_and_ctrl_c_exits_130(
         async with asyncio.timeout(20):
             first = await process.stdout.readuntil(b"NAME")
             assert first.endswith(b"NAME")
-            await rig.until(lambda: len(rig.apiserver.watches) > 1)  # the controller's and ours
-            code = await asyncio.to_thread(
-                main, ["pause", "web-release", "--kubeconfig", str(kubeconfig)]
-            )
+
+            async def watching() -> bool:  # bob's watch is open on the API server
+                return any(
+                    verb == "watch" and resource == "canarydeployments"
+                    for verb, resource, _, _ in cluster.requests_of("bob")
+                )
+
+            await eventually(watching, timeout=10)
+            code = await asyncio.to_thread(main, ["pause", NAME, "--kubeconfig", bob])
             assert code == 0
             text = b""
             while b"Paused" not in text:
