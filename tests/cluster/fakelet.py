@@ -16,6 +16,7 @@ A pod asks for a fault with annotations on its template:
 | `fakelet.codedance.io/ready-after: "20s"` | ready only after that delay (s, ms or m) |
 | `fakelet.codedance.io/fault: never-ready` | runs, never ready |
 | `fakelet.codedance.io/fault: crash` | CrashLoopBackOff, the restart count growing every second |
+| `fakelet.codedance.io/crash-after: "5s"` | ready first, then crash-looping from that delay on |
 | `fakelet.codedance.io/fault: fail` | phase Failed, its container exited 1 |
 
 Run it as `python -m tests.cluster.fakelet --kubeconfig PATH`; the control
@@ -43,6 +44,7 @@ log = logging.getLogger("fakelet")
 PREFIX = "fakelet.codedance.io/"
 READY_AFTER = PREFIX + "ready-after"
 FAULT = PREFIX + "fault"
+CRASH_AFTER = PREFIX + "crash-after"
 FAULTS = ("never-ready", "crash", "fail")
 POD_NETWORK = ipaddress.ip_network("10.244.0.0/16")
 NODE_NETWORK = ipaddress.ip_network("10.250.0.0/24")
@@ -318,20 +320,7 @@ class Fakelet:
                 )
                 return
             if fault == "crash":
-                for restarts in itertools.count(1):
-                    await self.patch_status(
-                        pod,
-                        {
-                            **base,
-                            "phase": "Running",
-                            "conditions": [
-                                condition("ContainersReady", False, "ContainersNotReady"),
-                                condition("Ready", False, "ContainersNotReady"),
-                            ],
-                            "containerStatuses": container_statuses(pod, "crash", restarts),
-                        },
-                    )
-                    await asyncio.sleep(CRASH_EVERY)
+                await self.crash_loop(pod, base)
             ready = fault != "never-ready"
             reason = None if ready else "ContainersNotReady"
             await self.patch_status(
@@ -348,10 +337,30 @@ class Fakelet:
                     "containerStatuses": container_statuses(pod, "ready" if ready else "running"),
                 },
             )
+            if CRASH_AFTER in annotations:
+                await asyncio.sleep(parse_delay(annotations[CRASH_AFTER]))
+                await self.crash_loop(pod, base)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # one pod's failure never stops the others
             log.warning("pod %s: %s", pod["metadata"]["name"], error)
+
+    async def crash_loop(self, pod: dict[str, Any], base: dict[str, Any]) -> None:
+        """CrashLoopBackOff until the pod is deleted, one more restart every CRASH_EVERY."""
+        for restarts in itertools.count(1):
+            await self.patch_status(
+                pod,
+                {
+                    **base,
+                    "phase": "Running",
+                    "conditions": [
+                        condition("ContainersReady", False, "ContainersNotReady"),
+                        condition("Ready", False, "ContainersNotReady"),
+                    ],
+                    "containerStatuses": container_statuses(pod, "crash", restarts),
+                },
+            )
+            await asyncio.sleep(CRASH_EVERY)
 
     async def confirm_deleted(self, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]

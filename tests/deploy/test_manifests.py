@@ -455,20 +455,17 @@ def test_examples_name_a_shipped_policy_and_a_strategy_that_builds(name: str) ->
 
 # ---------------------------------------------------------------- RBAC
 
-ALL = {"get", "list", "watch", "create", "update", "patch", "delete"}
 WATCH = {"get", "list", "watch"}
 CLUSTER_GRANTS = {
     ("codedance.io", "canarydeployments"): WATCH | {"update", "patch"},
-    ("codedance.io", "canarydeployments/status"): {"get", "update", "patch"},
-    ("codedance.io", "canarydeployments/finalizers"): {"update"},
-    ("apps", "deployments"): ALL,
-    ("", "pods"): WATCH,
-    ("", "services"): WATCH,
-    ("", "events"): {"create", "patch"},
-    ("networking.istio.io", "virtualservices"): WATCH | {"update", "patch"},
-    ("networking.istio.io", "destinationrules"): WATCH | {"update", "patch"},
-    ("networking.k8s.io", "ingresses"): ALL,
-    ("gateway.networking.k8s.io", "httproutes"): WATCH | {"update", "patch"},
+    ("codedance.io", "canarydeployments/status"): {"update"},
+    ("apps", "deployments"): {"get", "create", "update", "delete"},
+    ("", "pods"): {"list"},
+    ("", "events"): {"create"},
+    ("networking.istio.io", "virtualservices"): {"get", "update"},
+    ("networking.istio.io", "destinationrules"): {"get"},
+    ("networking.k8s.io", "ingresses"): {"get", "create", "update", "delete"},
+    ("gateway.networking.k8s.io", "httproutes"): {"get", "update"},
 }
 LEASE_GRANTS = {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
 
