@@ -24,14 +24,18 @@ instead, which is what makes such a Service work.
 Promotion writes the new version into the STABLE Deployment's pod template (its
 own labels untouched) and waits for that rollout; then `retire` deletes the
 canary. Ready means the Deployment's controller saw the latest generation
-(`observedGeneration >= generation`) and every replica is updated and ready;
-a Deployment whose Progressing condition says ProgressDeadlineExceeded fails
-at once, others after `ready_timeout` seconds, with its conditions as the reason.
+(`observedGeneration >= generation`), every replica is updated and ready, and
+no pod of an older ReplicaSet is left (`readiness`); a Deployment whose
+Progressing condition says ProgressDeadlineExceeded for the current generation
+fails at once, others after `ready_timeout` seconds, with its conditions as the
+reason.
 
 Objects are read and written as JSON (the custom-objects endpoints address
 `apps/v1` the same way) so fields this client version does not model are
 copied, not dropped. Writes carry the resourceVersion read; a 409 re-reads and
-re-applies; 429 and 5xx are retried by `adapters.kube.retry`.
+re-applies (the Deployment controller's own status writes change the
+resourceVersion too, so a Deployment mid-rollout can answer 409 with no other
+writer about); 429 and 5xx are retried by `adapters.kube.retry`.
 """
 
 from __future__ import annotations
@@ -143,16 +147,27 @@ def canary_of(
 
 
 def readiness(dep: Mapping[str, Any]) -> tuple[bool, str]:
-    """Whether a Deployment has rolled out, and a one-line account of where it is."""
+    """Whether a Deployment has rolled out, and a one-line account of where it is.
+
+    Rolled out, as `kubectl rollout status` has it: the controller saw this
+    generation, `want` replicas run the current template, no pod of an older
+    ReplicaSet is left, and `want` pods are ready. `readyReplicas` counts the
+    pods of every ReplicaSet, so "ready >= want and updated >= want" alone is
+    also true mid-rollout, while an old pod still serves and a new one is not
+    ready yet.
+    """
     meta, spec, status = dep.get("metadata") or {}, dep.get("spec") or {}, dep.get("status") or {}
     want = int(spec.get("replicas", 1))
     ready = int(status.get("readyReplicas") or 0)
-    # a status without updatedReplicas comes from a controller that does not count them
-    updated = int(status.get("updatedReplicas", ready) or 0)
+    # the API server omits a zero count: no updatedReplicas means none is updated yet
+    updated = int(status.get("updatedReplicas") or 0)
+    total = int(status.get("replicas") or 0)
     seen = int(status.get("observedGeneration") or 0)
     generation = int(meta.get("generation") or 0)
-    done = seen >= generation and ready >= want and updated >= want
+    done = seen >= generation and updated >= want and total <= updated and ready >= want
     parts = [f"{ready}/{want} ready, {updated}/{want} updated"]
+    if total > updated:
+        parts.append(f"{total - updated} old replicas still running")
     if seen < generation:
         parts.append(f"generation {generation} not yet observed")
     for condition in status.get("conditions") or []:
@@ -162,10 +177,20 @@ def readiness(dep: Mapping[str, Any]) -> tuple[bool, str]:
     return done, "; ".join(parts)
 
 
-def _deadline_exceeded(dep: Mapping[str, Any]) -> bool:
+def deadline_exceeded(dep: Mapping[str, Any]) -> bool:
+    """Whether the controller gave up on the CURRENT generation.
+
+    Right after a write, the status still describes the previous generation
+    (an earlier canary that timed out, say) until the controller observes the
+    new one; its ProgressDeadlineExceeded is not the new version's verdict.
+    """
+    status = dep.get("status") or {}
+    seen = int(status.get("observedGeneration") or 0)
+    if seen < int((dep.get("metadata") or {}).get("generation") or 0):
+        return False
     return any(
         c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded"
-        for c in (dep.get("status") or {}).get("conditions") or []
+        for c in status.get("conditions") or []
     )
 
 
@@ -309,7 +334,7 @@ class KubeWorkloads:
             done, where = readiness(dep)
             if done:
                 return
-            if _deadline_exceeded(dep):
+            if deadline_exceeded(dep):
                 raise WorkloadError(f"Deployment {ns}/{name} failed to roll out: {where}")
             if self._clock.now() >= deadline:
                 raise WorkloadError(

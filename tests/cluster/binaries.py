@@ -5,8 +5,9 @@ etcd it requires) and a Go toolchain. Out: a directory holding `etcd`,
 `kube-apiserver`, `kube-controller-manager` and `kubectl`.
 
 The cache lives in `$CODEDANCE_CLUSTER_CACHE` (default
-`~/.cache/codedance/cluster`), one folder per hash of the module files, so a
-changed pin builds anew and an unchanged one never builds twice. A build
+`~/.cache/codedance/cluster`), one folder per hash of the module files and
+the build flags, so a changed pin builds anew and an unchanged one never
+builds twice. A build
 writes into a temporary folder and renames it into place only when every
 program is there, so an interrupted build leaves nothing half made.
 """
@@ -53,6 +54,9 @@ def cache_key() -> str:
     for name in MODULE_FILES:
         digest.update(name.encode())
         digest.update((HERE / name).read_bytes())
+    # how they are built is part of what was built
+    digest.update(" ".join(PACKAGES).encode())
+    digest.update(version_flags().encode())
     return digest.hexdigest()[:16]
 
 
