@@ -242,7 +242,7 @@ class Controller:
             try:
                 rv = await self._relist()
                 while not self._stopping.is_set():
-                    rv = await self._watch(rv)
+                    rv = await self._watch_until_stopped(rv)
             except ApiException as error:
                 if error.status == 410:
                     log.info("the watch position expired (410 Gone): listing again")
@@ -296,6 +296,26 @@ class Controller:
         rv = str((listed.get("metadata") or {}).get("resourceVersion") or "")
         self.resource_version = rv
         return rv
+
+    async def _watch_until_stopped(self, rv: str) -> str:
+        """`_watch`, ended early by `stop()`.
+
+        A real API server keeps a quiet watch open until its `timeout_seconds`
+        (minutes), sending nothing but bookmarks, so waiting for the stream to
+        end would hold `stop()` up that long.
+        """
+        watching = asyncio.ensure_future(self._watch(rv))
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({watching, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            if not watching.done():
+                watching.cancel()
+                await asyncio.gather(watching, return_exceptions=True)
+        if watching.cancelled():
+            return self.resource_version or rv
+        return watching.result()
 
     async def _watch(self, rv: str) -> str:
         """One watch stream from `rv`; the last resourceVersion seen when it ends."""
