@@ -239,8 +239,10 @@ class Condition(BaseModel):
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown")
     reason: str = Field(description="a CamelCase word a program can match")
     message: str = Field(default="", description="what happened, for a person")
+    # format date-time: the API server refuses anything but an RFC 3339 time
     last_transition_time: str = Field(
-        default="", description="when the status last changed (RFC 3339)"
+        description="when the status last changed (RFC 3339)",
+        json_schema_extra={"format": "date-time"},
     )
     observed_generation: int | None = Field(
         default=None, description="the spec generation the condition describes"

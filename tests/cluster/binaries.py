@@ -134,11 +134,16 @@ def build(*, progress: bool = True) -> Path:
         command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     output: list[str] = []
+    downloads = 0
     assert process.stdout is not None
     for line in process.stdout:
         output.append(line)
-        if progress and line.startswith("go: downloading"):
-            print(f"cluster: {line.strip()}", file=sys.stderr, flush=True)
+        if line.startswith("go: downloading"):
+            downloads += 1
+            if progress and downloads % 25 == 1:
+                print(f"cluster: downloading Go modules ({downloads} so far)", file=sys.stderr)
+    if progress and downloads:
+        print(f"cluster: {downloads} Go modules downloaded; compiled", file=sys.stderr)
     if process.wait() != 0:
         shutil.rmtree(staging, ignore_errors=True)
         tail = "".join(output[-40:])

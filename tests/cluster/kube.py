@@ -148,7 +148,9 @@ def audit_events(log: Path, user: str | None = None) -> list[AuditEvent]:
         text = log.read_text()
     except FileNotFoundError:
         return []
-    for line in text.splitlines():
+    # the API server may be writing the last line as we read: only whole lines count
+    complete = text[: text.rfind("\n") + 1]
+    for line in complete.splitlines():
         if not line.strip():
             continue
         event = AuditEvent.parse(line)
