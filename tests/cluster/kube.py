@@ -4,13 +4,15 @@ In: an admin `kubernetes.aio` ApiClient and a namespace. Out: `Objects`
 (create, read, patch, delete any kind by apiVersion and kind, through the
 dynamic client, as plain dicts), `eventually` (poll a condition with a
 deadline, never a bare sleep), and `audit_events` (what a given user really
-asked of the API server, from its audit log).
+asked of the API server, from its audit log; `settled_requests` waits until
+the log holds every request made so far).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,8 @@ from typing import Any
 from kubernetes.aio import client
 from kubernetes.aio.client.exceptions import ApiException
 from kubernetes.aio.dynamic import DynamicClient
+
+from tests.cluster.controlplane import ControlPlane
 
 JsonObject = dict[str, Any]
 
@@ -157,3 +161,26 @@ def audit_events(log: Path, user: str | None = None) -> list[AuditEvent]:
         if user is None or event.user == user:
             events.append(event)
     return events
+
+
+async def settled_requests(
+    plane: ControlPlane, api: client.ApiClient, user: str, namespace: str
+) -> list[AuditEvent]:
+    """The requests `user` (who must be the one `api` acts as) made in `namespace`, in order."""
+    mark = f"audit-mark-{secrets.token_hex(4)}"
+    try:
+        await client.CustomObjectsApi(api).get_namespaced_custom_object(
+            "apps", "v1", namespace, "deployments", mark
+        )
+    except ApiException as error:
+        if error.status not in (403, 404):
+            raise
+
+    async def marked() -> list[AuditEvent] | None:
+        events = audit_events(plane.audit_log, user)
+        if any(e.name == mark for e in events):
+            return events
+        return None
+
+    events = await eventually(marked, timeout=10)
+    return [e for e in events if e.namespace == namespace and e.name != mark]

@@ -27,9 +27,8 @@ from adapters.kube.pods import PodStatusSource, selector_text
 from engine.ports import MetricRequest, MetricSource, Target
 from tests.cluster.controlplane import CONTROLLER_USER, ControlPlane
 from tests.cluster.fixtures import api_client
-from tests.cluster.kube import Objects, eventually
+from tests.cluster.kube import Objects, eventually, settled_requests
 from tests.kube.apiserver import ApiServer
-from tests.kube.realcluster import requests_of
 
 METRICS = ("ready_pods", "not_ready_pods", "failed_pods", "restarts")
 STABLE_LABELS = {"app": "web"}
@@ -235,7 +234,7 @@ async def test_one_list_per_workload_per_fetch_and_other_metrics_omitted(
     for _ in range(2):
         values = await source.fetch(0.0, [*requests(stable), *requests(canary), p99])
         assert p99 not in values and len(values) == 8
-    asked = await requests_of(control_plane, controller_api, CONTROLLER_USER, namespace)
+    asked = await settled_requests(control_plane, controller_api, CONTROLLER_USER, namespace)
     lists = [e for e in asked if e.resource == "pods"]
     assert [(e.verb, e.code) for e in lists] == [("list", 200)] * 4  # two workloads, two fetches
     reads = [e for e in asked if e.resource == "deployments"]

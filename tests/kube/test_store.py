@@ -19,8 +19,8 @@ from adapters.kube.store import StatusStore, StoreError
 from engine.model import Phase, RolloutStatus, VerdictRecord
 from engine.ports import RolloutStore
 from tests.cluster.controlplane import CONTROLLER_USER, ControlPlane
-from tests.cluster.kube import Objects
-from tests.kube.realcluster import before_each, requests_of
+from tests.cluster.kube import Objects, settled_requests
+from tests.kube.realcluster import before_each
 
 API_VERSION = "codedance.io/v1alpha1"
 KIND = "CanaryDeployment"
@@ -106,7 +106,7 @@ async def status_writes(
     plane: ControlPlane, api: client.ApiClient, namespace: str
 ) -> list[tuple[str, str, int]]:
     """The controller's writes to CanaryDeployments, as (verb, subresource, code)."""
-    events = await requests_of(plane, api, CONTROLLER_USER, namespace)
+    events = await settled_requests(plane, api, CONTROLLER_USER, namespace)
     return [
         (e.verb, e.subresource, e.code)
         for e in events

@@ -33,9 +33,9 @@ from adapters.kube.workloads import (
 from engine.ports import RolloutRef
 from tests.cluster.controlplane import CONTROLLER_USER, ControlPlane
 from tests.cluster.fixtures import api_client
-from tests.cluster.kube import Objects, eventually
+from tests.cluster.kube import Objects, eventually, settled_requests
 from tests.kube.apiserver import ApiServer
-from tests.kube.realcluster import before_each, requests_of
+from tests.kube.realcluster import before_each
 
 APPS = "apps/v1"
 FAULT = "fakelet.codedance.io/fault"
@@ -137,7 +137,7 @@ async def deployment_writes(
     plane: ControlPlane, api: client.ApiClient, namespace: str, name: str | None = None
 ) -> list[tuple[str, str, int]]:
     """The controller's writes to Deployments in `namespace` (of `name`), as (verb, name, code)."""
-    events = await requests_of(plane, api, CONTROLLER_USER, namespace)
+    events = await settled_requests(plane, api, CONTROLLER_USER, namespace)
     return [
         (e.verb, e.name, e.code)
         for e in events
@@ -476,7 +476,7 @@ async def test_other_errors_are_not_retried(
         clock = FakeClock()
         with pytest.raises(WorkloadError, match=f"cannot delete Deployment {namespace}/web-canary"):
             await workloads(alice, clock=clock).retire(ref(namespace))
-        events = await requests_of(control_plane, alice, "alice", namespace)
+        events = await settled_requests(control_plane, alice, "alice", namespace)
     assert [(e.verb, e.code) for e in events if e.verb == "delete"] == [("delete", 403)]
     assert clock.waits == []
 

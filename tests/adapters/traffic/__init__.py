@@ -27,10 +27,9 @@ from typing import Any
 
 import yaml
 from kubernetes.aio import client
-from kubernetes.aio.client.exceptions import ApiException
 
 from tests.cluster.controlplane import CONTROLLER_USER, ControlPlane
-from tests.cluster.kube import AuditEvent, audit_events, eventually
+from tests.cluster.kube import AuditEvent, audit_events, settled_requests
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 SERVER_SET = ("resourceVersion", "uid", "creationTimestamp", "generation", "managedFields")
@@ -73,39 +72,12 @@ def controller_requests(
     ]
 
 
-GROUP_VERSIONS = {
-    "virtualservices": ("networking.istio.io", "v1"),
-    "destinationrules": ("networking.istio.io", "v1"),
-    "httproutes": ("gateway.networking.k8s.io", "v1"),
-    "ingresses": ("networking.k8s.io", "v1"),
-}
-MARKER = "audit-marker"
-
-
 async def settled(
     control_plane: ControlPlane, controller_api: client.ApiClient, namespace: str, resource: str
 ) -> list[AuditEvent]:
-    """The controller's requests for `resource` so far, once the audit log holds them all.
-
-    The server writes an audit event as a request completes, so a request that
-    has answered may not be in the log yet. The controller reads a name that
-    does not exist (a marker) after everything else, and the log is complete
-    once the marker is in it; the marker is left out of the answer.
-    """
-    group, version = GROUP_VERSIONS[resource]
-    try:
-        await client.CustomObjectsApi(controller_api).get_namespaced_custom_object(
-            group, version, namespace, resource, MARKER
-        )
-    except ApiException as error:
-        assert error.status == 404, error
-
-    async def marked() -> list[AuditEvent] | None:
-        found = controller_requests(control_plane, namespace, resource)
-        return found if any(event.name == MARKER for event in found) else None
-
-    found: list[AuditEvent] = await eventually(marked, timeout=10)
-    return [event for event in found if event.name != MARKER]
+    """The controller's requests for `resource` so far, once the audit log holds them all."""
+    found = await settled_requests(control_plane, controller_api, CONTROLLER_USER, namespace)
+    return [event for event in found if event.resource == resource]
 
 
 def writes(events: list[AuditEvent]) -> list[tuple[str, str, int]]:
