@@ -345,6 +345,11 @@ class Engine:
         for ro in batch:
             ro.due = None
         for ro in ready:
+            last = None if ro.state is None else ro.state.last_tick
+            if last is not None and now <= last:
+                # a re-pin rebuilt the windows while this tick fetched: it has
+                # evaluated this instant already, and a policy's ticks only increase
+                continue
             try:
                 self._evaluate(ro, now, values)
             except Exception as e:  # one broken rollout never stops the others

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,3 +97,47 @@ async def test_a_running_rollout_keeps_its_version_until_re_pinned(tmp_path: Pat
     assert repin.actor == "alice" and "re-pinned" in repin.explanation
     rollback = next(e for e in audit.entries if e.action == "rollback")
     assert rollback.time >= repin.time + 60.0  # the new rule's `for 1m` starts at the re-pin
+
+
+class SlowSource(FunctionSource):
+    """A source whose fetch at `slow_at` waits until the test lets it answer."""
+
+    def __init__(self, slow_at: float) -> None:
+        super().__init__(lambda t, r: 0.1)
+        self.slow_at = slow_at
+        self.fetching = asyncio.Event()
+        self.answer = asyncio.Event()
+
+    async def fetch(self, at: float, requests: Any) -> Any:
+        if at == self.slow_at:
+            self.fetching.set()
+            await self.answer.wait()
+        return await super().fetch(at, requests)
+
+
+async def test_a_re_pin_during_a_tick_does_not_evaluate_that_instant_twice(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "checkout.rules").write_text(GOOD)
+    store = PolicyStore(tmp_path)
+    assert store.load().ok
+    clock = LoopClock(epoch=0.0)
+    source = SlowSource(slow_at=100.0)
+    engine = Engine(
+        policies=store, metrics=source, router=MemoryRouter(), workloads=NoopWorkloads(),
+        store=MemoryStore(), audit=MemoryAudit(), clock=clock,
+    )
+    runner = asyncio.create_task(engine.run())
+    await engine.add(spec())
+    await source.fetching.wait()  # the tick at 100s is waiting for its metrics
+    (tmp_path / "checkout.rules").write_text(STRICTER)
+    assert store.load().ok
+    # the re-pin rebuilds the windows up to now, 100s included
+    await engine.command("default/web", "repin", "ops")
+    source.answer.set()
+    await clock.sleep_until(130.0)
+    status = engine.status("default/web")
+    assert "evaluation failed" not in caplog.text
+    assert status.phase is Phase.PROGRESSING
+    await engine.stop()
+    await runner
