@@ -13,6 +13,7 @@
     codedance status [NAME] [-n NS | -A] [--watch]   CanaryDeployments, like kubectl get
     codedance approve|pause|resume|abort|retry NAME [-n NS] [--reason TEXT]
                                      manual control (0 done, 1 refused, 2 usage)
+    codedance traffic NAME [-n NS] [--json]   where a rollout's requests go (0, 2 usage)
     codedance crd                    print the CanaryDeployment CRD (deploy/crd.yaml)
     codedance policies-configmap [--namespace N] DIR
                                      print DIR's .rules files as a ConfigMap (0, 1 errors, 2 usage)
@@ -112,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     from codedance.control_cmd import add_commands as add_control
 
     add_control(commands)
+    from codedance.traffic_cmd import add_command as add_traffic
+
+    add_traffic(commands)
     return parser
 
 
