@@ -39,7 +39,13 @@ from typing import Any
 from kubernetes.aio import client
 
 from adapters.kube.connection import configuration
-from adapters.kube.controller import Controller, Policies, RolloutRouters, RolloutWorkloads
+from adapters.kube.controller import (
+    Controller,
+    Policies,
+    RolloutRouters,
+    RolloutWorkloads,
+    owner_reference,
+)
 from adapters.kube.events import EventAudit, EventRecorder
 from adapters.kube.lease import LeaseElector
 from adapters.kube.models import CanaryDeployment
@@ -237,13 +243,22 @@ async def _lead(
                 "destination_rule": t.destination_rule,
             }
         elif t.provider == "nginx-ingress":
-            kwargs = {"ingress": t.ingress or stable, "canary_service": canary}
+            # the canary Ingress is made for this release: garbage collected with it
+            kwargs = {
+                "ingress": t.ingress or stable,
+                "canary_service": canary,
+                "owner": owner_reference(cd),
+            }
         return registry.create(registry.TRAFFIC, t.provider, api, **kwargs)
 
     def workloads_for(cd: CanaryDeployment) -> KubeWorkloads:
         v = cd.spec.version
         return KubeWorkloads(
-            api, images=v.images, pod_template_patch=v.pod_template_patch, clock=clock
+            api,
+            images=v.images,
+            pod_template_patch=v.pod_template_patch,
+            clock=clock,
+            owner=owner_reference(cd),
         )
 
     controller = Controller(

@@ -20,10 +20,14 @@ write so it follows the user's changes:
   fight ours), and so is every other annotation: those of other controllers
   (cert-manager, external-dns, Helm, Argo CD, kubectl's
   last-applied-configuration) would have them act on a copy they do not own;
-- metadata is new: name, namespace and the label
-  `app.kubernetes.io/managed-by: codedance` (the router refuses to touch a
-  `<ingress>-canary` without it); no uid, resourceVersion, managed fields,
-  creation time or status of the stable is copied;
+- metadata is new: name, namespace, the label
+  `app.kubernetes.io/managed-by: codedance` and, when the router is given
+  its `owner` (the ownerReference to the CanaryDeployment), that reference,
+  so the garbage collector deletes the canary Ingress with its release. The
+  router refuses to touch a `<ingress>-canary` without the label, or whose
+  controller ownerReference names another owner (`foreign` says so before a
+  release starts); no uid, resourceVersion, managed fields, creation time or
+  status of the stable is copied;
 - `canary-weight` is the weight, with `canary-weight-total` when a maximum
   weight is set (the weight is then scaled to that total: 5 % of 1000 is 50);
   `canary-by-header`, `canary-by-header-value` and `canary-by-cookie` route
@@ -166,8 +170,9 @@ def canary_ingress(
     header_value: str | None = None,
     cookie: str | None = None,
     prefix: str = PREFIX,
+    owner: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The canary Ingress for `stable` at canary `weight` percent."""
+    """The canary Ingress for `stable` at canary `weight` percent, owned by `owner`."""
     check_weight(weight)
     name = ObjectName.of(stable, INGRESS)
     meta = stable.get("metadata") or {}
@@ -190,15 +195,18 @@ def canary_ingress(
             wanted[f"{prefix}/canary-by-header-value"] = header_value
         if cookie:
             wanted[f"{prefix}/canary-by-cookie"] = cookie
+    metadata: dict[str, Any] = {
+        "name": canary_name(name.name),
+        "namespace": name.namespace,
+        "labels": {MANAGED_BY: MANAGER},
+        "annotations": wanted,
+    }
+    if owner is not None:
+        metadata["ownerReferences"] = [dict(owner)]
     return {
         "apiVersion": API_VERSION,
         "kind": INGRESS,
-        "metadata": {
-            "name": canary_name(name.name),
-            "namespace": name.namespace,
-            "labels": {MANAGED_BY: MANAGER},
-            "annotations": wanted,
-        },
+        "metadata": metadata,
         "spec": canary_spec(stable, stable_service, canary_service),
     }
 
@@ -240,6 +248,21 @@ def _owned(ingress: Mapping[str, Any]) -> tuple[Any, Any, Any]:
     )
 
 
+def _controllers(ingress: Mapping[str, Any]) -> list[dict[str, Any]]:
+    refs = (ingress.get("metadata") or {}).get("ownerReferences") or []
+    return [dict(r) for r in refs if r.get("controller")]
+
+
+def _with_owner(
+    refs: list[dict[str, Any]] | None, owner: Mapping[str, Any] | None
+) -> list[dict[str, Any]] | None:
+    """The ownerReferences to write: `owner` added to the others (none but its own controls)."""
+    if owner is None:
+        return refs
+    others = [r for r in refs or [] if r.get("uid") != owner.get("uid") and not r.get("controller")]
+    return [*others, dict(owner)]
+
+
 class NginxIngressRouter:
     """The engine's traffic router over ingress-nginx's canary Ingress.
 
@@ -262,6 +285,7 @@ class NginxIngressRouter:
         cookie: str | None = None,
         on_revert: RevertCallback | None = None,
         prefix: str = PREFIX,
+        owner: Mapping[str, Any] | None = None,
     ) -> None:
         if max_weight is not None and max_weight < 100:
             # below 100 a percentage no longer survives the round trip through an integer
@@ -275,6 +299,7 @@ class NginxIngressRouter:
         self.header_value = header_value
         self.cookie = cookie
         self.prefix = prefix
+        self.owner = dict(owner) if owner else None  # the canary Ingress' ownerReference
         self._api = client.NetworkingV1Api(api_client)
         self._reverts = RevertWatch(on_revert)
 
@@ -320,6 +345,7 @@ class NginxIngressRouter:
             header_value=self.header_value,
             cookie=self.cookie,
             prefix=self.prefix,
+            owner=self.owner,
         )
 
     def _stopped(self, canary: Mapping[str, Any]) -> dict[str, Any]:
@@ -334,13 +360,42 @@ class NginxIngressRouter:
         stopped["metadata"]["annotations"] = annotations
         return stopped
 
-    def _check_ours(self, obj: ObjectName, existing: Mapping[str, Any]) -> None:
+    def _not_ours(self, obj: ObjectName, existing: Mapping[str, Any]) -> TrafficObjectError | None:
+        """Why the canary Ingress is someone else's (an error to raise), None when ours.
+
+        Ours: our label and, when the router knows its owner, no controller
+        ownerReference but one to the owner's uid. One without any controller
+        reference (made before canaries had owners) is adopted by the next write.
+        """
         if _owned(existing)[0] != MANAGER:
-            raise TrafficObjectError(
+            return TrafficObjectError(
                 obj,
                 f"exists and is not managed by codedance (no label {MANAGED_BY}: {MANAGER})",
                 "metadata.labels",
             )
+        controllers = _controllers(existing)
+        if self.owner is None or not controllers:
+            return None
+        if any(r.get("uid") == self.owner.get("uid") for r in controllers):
+            return None
+        other = controllers[0]
+        return TrafficObjectError(
+            obj,
+            f"is owned by {other.get('kind')} {other.get('name')}, not by this release",
+            "metadata.ownerReferences",
+        )
+
+    def _check_ours(self, obj: ObjectName, existing: Mapping[str, Any]) -> None:
+        problem = self._not_ours(obj, existing)
+        if problem is not None:
+            raise problem
+
+    async def foreign(self, rollout: RolloutRef) -> str | None:
+        """Why `<ingress>-canary` is someone else's, None when it is absent or ours."""
+        _, obj = self._names(rollout)
+        existing = await self._read(obj, missing_ok=True)
+        problem = None if existing is None else self._not_ours(obj, existing)
+        return None if problem is None else str(problem)
 
     async def set_weight(self, rollout: RolloutRef, weight: int) -> None:
         """Give the canary `weight` percent; no write when the canary Ingress already says so."""
@@ -368,7 +423,9 @@ class NginxIngressRouter:
                 self._reverts.saw(obj, canary_weight(existing, self.prefix))
             except TrafficObjectError as e:
                 log.warning("%s; rewriting it", e)
-            if _owned(existing) == _owned(desired):
+            refs = existing["metadata"].get("ownerReferences")
+            owners = _with_owner(refs, self.owner)
+            if _owned(existing) == _owned(desired) and owners == refs:
                 return
             meta = existing["metadata"]
             desired["metadata"] = {
@@ -376,6 +433,8 @@ class NginxIngressRouter:
                 "labels": {**(meta.get("labels") or {}), MANAGED_BY: MANAGER},
                 "annotations": desired["metadata"]["annotations"],
             }
+            if owners is not None:
+                desired["metadata"]["ownerReferences"] = owners
             await self._write(obj, desired, create=False)
 
         await retry_on_conflict(obj, attempt)

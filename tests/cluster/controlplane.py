@@ -233,6 +233,9 @@ class ControlPlane:
             f"--tls-private-key-file={keys.server_key}",
             f"--token-auth-file={self.directory / 'tokens.csv'}",
             "--authorization-mode=Node,RBAC",
+            # as OpenShift runs it: setting blockOwnerDeletion on an object owned
+            # by a CanaryDeployment needs `update` on canarydeployments/finalizers
+            "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
             f"--service-account-issuer={issuer}",
             f"--api-audiences={issuer}",
             f"--service-account-key-file={keys.sa_pub}",

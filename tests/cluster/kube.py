@@ -128,6 +128,8 @@ class AuditEvent:
     namespace: str
     name: str
     code: int
+    # RBAC's word on the request: a 403 with "allow" came from admission, not RBAC
+    decision: str = ""
 
     @classmethod
     def parse(cls, line: str) -> AuditEvent:
@@ -142,6 +144,7 @@ class AuditEvent:
             namespace=ref.get("namespace", ""),
             name=ref.get("name", ""),
             code=int((event.get("responseStatus") or {}).get("code", 0)),
+            decision=(event.get("annotations") or {}).get("authorization.k8s.io/decision", ""),
         )
 
 

@@ -462,6 +462,7 @@ WATCH = {"get", "list", "watch"}
 CLUSTER_GRANTS = {
     ("codedance.io", "canarydeployments"): WATCH | {"update", "patch"},
     ("codedance.io", "canarydeployments/status"): {"update"},
+    ("codedance.io", "canarydeployments/finalizers"): {"update"},
     ("apps", "deployments"): {"get", "create", "update", "delete"},
     ("", "pods"): {"list"},
     ("", "events"): {"create"},
