@@ -54,6 +54,7 @@ from engine.ports import (
     Target,
     Telemetry,
     TrafficRouter,
+    WorkloadFailed,
     WorkloadManager,
 )
 from engine.strategy import strategy_of
@@ -546,13 +547,19 @@ class Engine:
                 except Exception as e:
                     return m.failed(ro.status, f"the canary did not come up: {e}")
             return m.initialized(ro.status, self.clock.now())
+        delay = ro.spec.scale_down_delay
         if isinstance(effect, RollBack):
             if not dry:
-                await rollback.roll_back(self.router, self.workloads, ref, self.clock)
+                await rollback.roll_back(self.router, self.workloads, ref, self.clock, delay=delay)
             return m.rolled_back(ro.status)
         if isinstance(effect, Promote):
             if not dry:
-                await rollback.promote(self.router, self.workloads, ref, self.clock)
+                try:
+                    await rollback.promote(
+                        self.router, self.workloads, ref, self.clock, delay=delay
+                    )
+                except WorkloadFailed as e:
+                    return m.promotion_failed(ro.status, str(e))
             return m.promoted(ro.status)
         raise TypeError(f"unknown effect {effect!r}")
 

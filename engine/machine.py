@@ -150,6 +150,15 @@ class Machine:
         )
         return d
 
+    def promotion_failed(self, status: RolloutStatus, reason: str) -> Decision:
+        """The stable would not roll out the new version: roll back (traffic is still on the
+        canary, and the workload manager has put the stable's previous version back)."""
+        d = Decision(status)
+        why = f"the promotion failed, rolling back: {reason}"
+        self._move(d, P.ROLLING_BACK, "controller", "rollback", why)
+        d.effects.append(RollBack())
+        return d
+
     def promoted(self, status: RolloutStatus) -> Decision:
         d = Decision(status)
         self._move(d, P.SUCCEEDED, "controller", "promoted", "the canary is the new stable")

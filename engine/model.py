@@ -107,6 +107,11 @@ class RolloutSpec(_Model):
     policy: str = Field(description="a policy name from the policy directory")
     interval: float = Field(default=30.0, description="seconds between evaluations")
     max_pause: float | None = Field(default=None, description="a longer pause rolls back")
+    scale_down_delay: float = Field(
+        default=0.0,
+        ge=0,
+        description="seconds between traffic leaving the canary and the canary going away",
+    )
     dry_run: bool = False
     skip_analysis: bool = False
 
@@ -114,6 +119,21 @@ class RolloutSpec(_Model):
     @classmethod
     def _durations(cls, v: str | float | None) -> float | None:
         return None if v is None else parse_duration(v)
+
+    @field_validator("scale_down_delay", mode="before")
+    @classmethod
+    def _delay(cls, v: str | float) -> float:
+        # unlike the other durations, no delay at all (0, 0s, 0m) is a choice one may make
+        if isinstance(v, str) and v.strip() != "0":
+            try:
+                seconds, dim, _ = parse_quantity(v.strip())
+            except UnitError:
+                seconds, dim = -1.0, Dim.DURATION
+            if seconds == 0 and dim is Dim.DURATION:
+                return 0.0
+        elif float(v) == 0:
+            return 0.0
+        return parse_duration(v)
 
     @property
     def key(self) -> str:

@@ -141,6 +141,31 @@ class WorkloadManager(Protocol):
     async def retire(self, rollout: RolloutRef) -> None: ...
 
 
+class WorkloadFailed(Exception):
+    """A workload will not become ready without a person: retrying the call is pointless.
+
+    `WorkloadManager.promote` raises it when the stable workload gave up on
+    the new version (Kubernetes' progress deadline, or the manager's own
+    timeout), after putting the stable's previous version back. The engine
+    then rolls the release back instead of retrying the promotion. Any other
+    exception is taken as transient and retried.
+    """
+
+
+@runtime_checkable
+class PromotionUndo(Protocol):
+    """A workload manager that can put back the stable version a promotion replaced.
+
+    `restore_stable` is idempotent and does nothing when no promotion of this
+    rollout is under way; it returns once the stable runs its previous
+    version again. A rollback calls it before moving traffic to stable, so a
+    rollback that follows a half-done promotion never sends requests to a
+    stable that is half the new version.
+    """
+
+    async def restore_stable(self, rollout: RolloutRef) -> None: ...
+
+
 @runtime_checkable
 class RolloutStore(Protocol):
     """Durable rollout state: a restarted controller resumes from it."""

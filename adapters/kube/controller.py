@@ -24,9 +24,23 @@ namespace, or all, until `stop()`; every object it sees is reconciled:
   history; a fresh start is what a user who edits the spec expects.)
   Generations are tracked in memory; after a restart the controller compares
   the object's generation with `status.observedGeneration`;
+- objects in the way: before a rollout starts, the router and the workload
+  manager are asked (`OwnedObjects.foreign`) whether an object they would
+  write, such as `<stable>-canary`, exists and belongs to someone else (no
+  `app.kubernetes.io/managed-by: codedance` label or an ownerReference to
+  another owner). Such an object is never changed or deleted: the object gets
+  `Ready=False, reason=ForeignObject` and a Warning Event, and no traffic is
+  touched; the retire and route cleanup of a rollback skip it too;
 - deletion with the finalizer: the analysis stops, traffic goes back to
   stable first (weight 0, confirmed by read-back), the canary is retired and
   the router's own objects removed, and only then is the finalizer taken off.
+  Deletion always finishes: restoring traffic is retried for at most
+  `restore_timeout` seconds, then given up with a Warning Event
+  (`TrafficNotRestored`) saying what could not be restored and why; a routing
+  object already gone (404) has nothing to restore, and the finalizer goes
+  at once (Event `RouteGone`). Retiring the canary is bounded the same way;
+  whatever stays behind carries an ownerReference to the CanaryDeployment
+  (see `owner_reference`), so the garbage collector removes it.
 
 Every transition is an audit line and an Event (through `EventAudit`), with
 the explanation. Watches resume from the last resourceVersion seen; a 410
@@ -43,7 +57,7 @@ import copy
 import functools
 import logging
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 from kubernetes.aio import client, watch
 from kubernetes.aio.client.exceptions import ApiException
@@ -68,6 +82,7 @@ from engine.model import AuditEntry, Phase, RolloutSpec, RolloutStatus
 from engine.ports import (
     Clock,
     PolicyProvider,
+    PromotionUndo,
     RolloutRef,
     RouteCleanup,
     TrafficRouter,
@@ -79,6 +94,11 @@ log = logging.getLogger("codedance.kube.controller")
 FINALIZER = "codedance.io/finalizer"
 INLINE = "inline:"  # policy names of inline policies; a file name cannot contain ':'
 INVALID = "InvalidSpec"
+FOREIGN = "ForeignObject"
+NOT_RESTORED = "TrafficNotRestored"
+ROUTE_GONE = "RouteGone"
+NOT_RETIRED = "CanaryNotRetired"
+RESTORE_TIMEOUT = 60.0  # seconds a deletion tries to give stable its traffic back
 ACTOR = "controller"
 CONFLICT_ATTEMPTS = 5
 # phases in which the canary may hold traffic or exist: what deletion must undo
@@ -100,6 +120,59 @@ JsonObject = dict[str, Any]
 
 class InvalidSpec(Exception):
     """A CanaryDeployment that cannot run; the message says why, for the user."""
+
+    reason = INVALID
+
+
+class ForeignObjectFound(InvalidSpec):
+    """An object the rollout would write exists and belongs to someone else."""
+
+    reason = FOREIGN
+
+
+@runtime_checkable
+class OwnedObjects(Protocol):
+    """An adapter that writes objects of its own and can tell when one is not its own."""
+
+    async def foreign(self, rollout: RolloutRef) -> str | None:
+        """What is in the way (`Deployment ns/web-canary is not managed by ...`), else None."""
+        ...
+
+
+def owner_reference(cd: CanaryDeployment) -> JsonObject:
+    """The ownerReference of everything made for `cd`: garbage collected with it.
+
+    `blockOwnerDeletion` keeps a foreground deletion of the CanaryDeployment
+    waiting for them; setting it needs `update` on `canarydeployments/finalizers`
+    where the OwnerReferencesPermissionEnforcement admission plugin runs.
+    """
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "CanaryDeployment",
+        "name": cd.name,
+        "uid": str(cd.metadata.get("uid") or ""),
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def is_not_found(error: BaseException) -> bool:
+    """Whether an error, or one it was raised from, is the API server's 404.
+
+    Adapters turn API errors into their own (a `TrafficObjectNotFound`, raised
+    from the `ApiException`); this package may not import them, so it looks
+    at the chain and the class names.
+    """
+    seen: BaseException | None = error
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, ApiException) and retry.is_not_found(seen):
+            return True
+        if any(c.__name__.endswith("NotFound") for c in type(seen).__mro__):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def key_of(obj: JsonObject) -> str:
@@ -175,7 +248,7 @@ class RolloutRouters(_PerRollout[TrafficRouter]):
 
     async def remove(self, rollout: RolloutRef) -> None:
         router = self._for(rollout)
-        if isinstance(router, RouteCleanup):
+        if isinstance(router, RouteCleanup) and not await _in_the_way(router, rollout):
             await router.remove(rollout)
 
 
@@ -191,7 +264,30 @@ class RolloutWorkloads(_PerRollout[WorkloadManager]):
         await self._for(rollout).promote(rollout)
 
     async def retire(self, rollout: RolloutRef) -> None:
-        await self._for(rollout).retire(rollout)
+        workloads = self._for(rollout)
+        if not await _in_the_way(workloads, rollout):
+            await workloads.retire(rollout)
+
+    async def restore_stable(self, rollout: RolloutRef) -> None:
+        """`PromotionUndo`, for the rollout's own manager when it can undo a promotion."""
+        workloads = self._for(rollout)
+        if isinstance(workloads, PromotionUndo):
+            await workloads.restore_stable(rollout)
+
+
+async def _in_the_way(adapter: object, rollout: RolloutRef) -> bool:
+    """True (and logged) when the adapter's object is someone else's: leave it be.
+
+    A rollback retries retire and remove until they succeed, so refusing by
+    raising would retry for ever; skipping is what "never delete what is not
+    ours" asks.
+    """
+    if not isinstance(adapter, OwnedObjects):
+        return False
+    found = await adapter.foreign(rollout)
+    if found:
+        log.warning("%s/%s: left alone: %s", rollout.namespace, rollout.name, found)
+    return bool(found)
 
 
 class Controller:
@@ -212,6 +308,7 @@ class Controller:
         namespace: str | None = None,
         watch_timeout: int = 300,
         retry_after: float = 5.0,
+        restore_timeout: float = RESTORE_TIMEOUT,
     ) -> None:
         self._client = api_client
         self._api = client.CustomObjectsApi(api_client)
@@ -227,6 +324,7 @@ class Controller:
         self.namespace = namespace
         self._watch_timeout = watch_timeout
         self._retry_after = retry_after
+        self._restore_timeout = restore_timeout
         self._generations: dict[str, int] = {}  # key -> the generation the engine runs
         self._latest: dict[str, JsonObject | None] = {}  # None: the object is gone
         self._workers: dict[str, asyncio.Task[None]] = {}
@@ -380,14 +478,14 @@ class Controller:
         try:
             cd, spec = await self._validate(key, obj)
         except InvalidSpec as problem:
-            await self._refuse(key, obj, str(problem))
+            await self._refuse(key, obj, str(problem), problem.reason)
             return
         if FINALIZER not in (meta.get("finalizers") or []):
             await self._set_finalizer(key, add=True)
         try:
             await self._run(key, obj, cd, spec, generation)
         except InvalidSpec as problem:
-            await self._refuse(key, obj, str(problem))
+            await self._refuse(key, obj, str(problem), problem.reason)
             return
         # a person's command (the codedance.io/command annotation), once per id
         await commands.handle(
@@ -407,6 +505,7 @@ class Controller:
                 await self._restart(key, cd, spec, generation, stored.phase)
             else:
                 self._use(key, cd)
+                await self._check_foreign(key, spec)
                 self._generations[key] = generation
                 await self.engine.add(spec)
         elif generation > running:
@@ -473,6 +572,7 @@ class Controller:
         if phase in TOUCHED:
             await rollback.set_weight_confirmed(self.routers, ref_of(spec), 0, self.clock)
         self._use(key, cd)
+        await self._check_foreign(key, spec)
         message = f"the spec changed (generation {generation}): the analysis starts again"
         await self.engine.store.save(key, RolloutStatus(message=message))
         await self.audit.record(
@@ -490,7 +590,16 @@ class Controller:
         self._generations[key] = generation
         await self.engine.add(spec)
 
-    async def _refuse(self, key: str, obj: JsonObject, message: str) -> None:
+    async def _check_foreign(self, key: str, spec: RolloutSpec) -> None:
+        """Raise `ForeignObjectFound` when an object the rollout would write is not ours."""
+        ref = ref_of(spec)
+        for adapter in (self.workloads.get(key), self.routers.get(key)):
+            if isinstance(adapter, OwnedObjects):
+                found = await adapter.foreign(ref)
+                if found:
+                    raise ForeignObjectFound(f"{found}; it is left as it is")
+
+    async def _refuse(self, key: str, obj: JsonObject, message: str, reason: str = INVALID) -> None:
         """An invalid spec: stop what runs, say why in the status and an Event."""
         status = await self.engine.forget(key)
         if status is not None and status.phase in TOUCHED:
@@ -498,12 +607,12 @@ class Controller:
         self._generations.pop(key, None)
         old = [c for c in (obj.get("status") or {}).get("conditions") or []]
         ready: JsonObject = next((c for c in old if c.get("type") == "Ready"), {})
-        if ready.get("reason") == INVALID and ready.get("message") == message:
+        if ready.get("reason") == reason and ready.get("message") == message:
             return  # already said (a relist sees the same object again)
-        await self._write_invalid(key, message)
-        await self.events.emit(key, INVALID, message, warning=True)
+        await self._write_invalid(key, message, reason)
+        await self.events.emit(key, reason, message, warning=True)
 
-    async def _write_invalid(self, key: str, message: str) -> None:
+    async def _write_invalid(self, key: str, message: str, reason: str = INVALID) -> None:
         namespace, _, name = key.partition("/")
         for _ in range(CONFLICT_ATTEMPTS):
             obj = await self._read(namespace, name)
@@ -515,7 +624,7 @@ class Controller:
             condition: JsonObject = {
                 "type": "Ready",
                 "status": "False",
-                "reason": INVALID,
+                "reason": reason,
                 "message": message,
                 "lastTransitionTime": rfc3339(self.clock.now()),
             }
@@ -532,24 +641,53 @@ class Controller:
         raise RuntimeError(f"CanaryDeployment {key} kept changing: status not written")
 
     async def _finalize(self, key: str, obj: JsonObject) -> None:
-        """Deletion: stable traffic first, then the canary goes, then the finalizer."""
+        """Deletion: stable traffic first, then the canary goes, then the finalizer.
+
+        Bounded: whatever cannot be restored within `restore_timeout` is said in
+        a Warning Event and the finalizer goes anyway, so a deletion (and the
+        deletion of a namespace, which deletes objects in any order) finishes.
+        """
         status = await self.engine.forget(key)
         if status is None:
             status = status_from(obj.get("status") or {})
         if status is not None and status.phase in TOUCHED:
             if self.routers.get(key) is None:
-                try:
-                    cd, _ = await self._validate(key, obj)
-                    self._use(key, cd)
-                except InvalidSpec as problem:
-                    log.warning("%s: cannot restore traffic on deletion: %s", key, problem)
+                problem = self._use_for_deletion(key, obj)
+                if problem:
+                    await self.events.emit(
+                        key,
+                        NOT_RESTORED,
+                        f"the CanaryDeployment is going, but its traffic cannot be restored: "
+                        f"{problem}",
+                        warning=True,
+                    )
             if self.routers.get(key) is not None:
-                await self._restore(key, status)
+                await self._restore(key, status, deleting=True)
         await self._set_finalizer(key, add=False)
         await self._gone(key)
 
-    async def _restore(self, key: str, status: RolloutStatus) -> None:
-        """Weight 0 (confirmed), the canary retired, the router's objects removed."""
+    def _use_for_deletion(self, key: str, obj: JsonObject) -> str | None:
+        """A restarted controller's router and workloads for an object going away.
+
+        Not `_validate`: the target Deployment or the policy may be gone already
+        (a namespace being deleted), and the traffic still needs restoring.
+        """
+        try:
+            cd = CanaryDeployment.model_validate({k: v for k, v in obj.items() if k != "status"})
+            self._use(key, cd)
+        except ValidationError as e:
+            return _validation_message(e)
+        except InvalidSpec as problem:
+            return str(problem)
+        return None
+
+    async def _restore(self, key: str, status: RolloutStatus, *, deleting: bool = False) -> None:
+        """Weight 0 (confirmed), the canary retired, the router's objects removed.
+
+        Deleting, each part is retried for at most `restore_timeout` seconds
+        and what could not be done is a Warning Event (`_undo`); otherwise (an
+        invalid spec: the object stays) it is retried until done, as a rollback.
+        """
         namespace, _, name = key.partition("/")
         obj = await self._read(namespace, name)
         target = ((obj or {}).get("spec") or {}).get("targetRef") or {}
@@ -563,8 +701,17 @@ class Controller:
             str(traffic.get("service") or stable),
             str(traffic.get("route") or ""),
         )
-        await rollback.roll_back(self.routers, self.workloads, ref, self.clock)
-        explanation = "the CanaryDeployment is going: stable has all traffic, the canary is retired"
+        if not deleting:  # the object stays: retried until done, as a rollback is
+            await rollback.roll_back(self.routers, self.workloads, ref, self.clock)
+            restored = retired = removed = True
+        else:
+            restored, retired, removed = await self._undo(key, ref)
+        if restored and retired and removed:
+            explanation = (
+                "the CanaryDeployment is going: stable has all traffic, the canary is retired"
+            )
+        else:
+            explanation = "the CanaryDeployment is going: not everything could be restored"
         await self.audit.record(
             AuditEntry(
                 time=self.clock.now(),
@@ -577,6 +724,69 @@ class Controller:
                 weight=0,
             )
         )
+
+    async def _undo(self, key: str, ref: RolloutRef) -> tuple[bool, bool, bool]:
+        """Stable traffic, the canary retired, the route cleaned: each bounded in time.
+
+        The canary is retired even when stable traffic was not confirmed: the
+        CanaryDeployment is going, and its garbage collector would remove the
+        canary anyway.
+        """
+        restored = await self._bounded(
+            key, "returning traffic to stable", lambda: self._weight_zero(ref), NOT_RESTORED
+        )
+        retired = await self._bounded(
+            key, "retiring the canary", lambda: self.workloads.retire(ref), NOT_RETIRED
+        )
+        removed = await self._bounded(
+            key, "removing the canary route", lambda: self.routers.remove(ref), NOT_RETIRED
+        )
+        return restored, retired, removed
+
+    async def _weight_zero(self, ref: RolloutRef) -> None:
+        await self.routers.set_weight(ref, 0)
+        seen = await self.routers.get_weight(ref)
+        if seen != 0:
+            raise rollback.Unconfirmed(f"wrote weight 0, the router reports {seen}")
+
+    async def _bounded(self, key: str, what: str, attempt: Callable[[], Any], reason: str) -> bool:
+        """Run `attempt` until it succeeds, for at most `restore_timeout` seconds.
+
+        True when done or when its object is gone (404: nothing left to undo,
+        said in a `RouteGone` Event); False after the time is up, with a Warning
+        Event naming the last error.
+        """
+        deadline = self.clock.now() + self._restore_timeout
+        delay, tries = 0.25, 0
+        while True:
+            tries += 1
+            left = max(0.0, deadline - self.clock.now())
+            try:
+                # a call that hangs (an API server that accepts and never answers) counts too
+                await asyncio.wait_for(attempt(), timeout=max(left, 0.1))
+                return True
+            except Exception as error:  # the adapters' errors have no common base
+                if is_not_found(error):
+                    if reason == NOT_RESTORED:  # said once: the later steps meet the same 404
+                        await self.events.emit(
+                            key,
+                            ROUTE_GONE,
+                            f"{what}: nothing to restore, the routing object is gone: "
+                            f"{_describe(error)}",
+                            warning=True,
+                        )
+                    return True
+                if self.clock.now() + delay >= deadline:
+                    message = (
+                        f"{what} did not succeed within {self._restore_timeout:g}s "
+                        f"({tries} attempts), giving up: {_describe(error)}"
+                    )
+                    log.warning("%s: %s", key, message)
+                    await self.events.emit(key, reason, message, warning=True)
+                    return False
+                log.info("%s: %s failed, retrying in %.2fs: %s", key, what, delay, error)
+            await self.clock.sleep_until(self.clock.now() + delay)
+            delay = min(5.0, delay * 2)
 
     async def _gone(self, key: str) -> None:
         await self.engine.forget(key)
@@ -634,6 +844,14 @@ class Controller:
                 return None
             raise
         return dict(cast(JsonObject, obj))
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, ApiException):
+        return f"HTTP {error.status} {error.reason}"
+    if isinstance(error, TimeoutError):
+        return "the API server did not answer in time"
+    return str(error) or type(error).__name__
 
 
 def _validation_message(error: ValidationError) -> str:

@@ -107,6 +107,13 @@ class Strategy(_Spec):
     max_weight: int | None = Field(
         default=None, ge=1, le=100, description="the highest canary weight before promotion"
     )
+    scale_down_delay: Duration = Field(
+        default="30s",
+        pattern=DURATION_PATTERN,
+        description="how long the canary's pods are kept after traffic has left them (at "
+        "promotion and at rollback), so proxies that apply new weights late never send "
+        "a request to pods that are gone; 0s retires it at once",
+    )
 
     @model_validator(mode="after")
     def _steps(self) -> Strategy:
@@ -225,6 +232,7 @@ def to_rollout_spec(cd: CanaryDeployment, policy_name: str | None = None) -> Rol
         policy=policy,
         interval=spec.analysis.interval,  # type: ignore[arg-type]
         max_pause=spec.analysis.max_pause,  # type: ignore[arg-type]
+        scale_down_delay=spec.strategy.scale_down_delay,  # type: ignore[arg-type]
         dry_run=spec.dry_run,
         skip_analysis=spec.skip_analysis,
     )

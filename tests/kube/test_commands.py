@@ -51,8 +51,13 @@ from tests.cluster.kube import Objects, audit_events, eventually
 
 POLICY = "latency: p99 > 300ms for 1s -> rollback\n"
 HEALTHY = {"canary.p99": "0.1x1000", "stable.p99": "0.1x1000"}
-MANUAL = {"type": "manual", "stepDuration": "200ms", "maxWeight": 25}  # weights 5, 10, 25
-HOUR = {"type": "steps", "steps": [20, 40], "stepDuration": "1h"}
+MANUAL = {  # weights 5, 10, 25
+    "type": "manual",
+    "stepDuration": "200ms",
+    "maxWeight": 25,
+    "scaleDownDelay": "0s",
+}
+HOUR = {"type": "steps", "steps": [20, 40], "stepDuration": "1h", "scaleDownDelay": "0s"}
 CD = "codedance.io/v1alpha1", "CanaryDeployment"
 NAME = "web-release"
 
@@ -99,7 +104,12 @@ def canary(**spec: Any) -> JsonObject:
     body: JsonObject = {
         "targetRef": {"name": "web"},
         "version": {"images": {"web": "web:2"}},
-        "strategy": {"type": "steps", "steps": [25, 50], "stepDuration": "300ms"},
+        "strategy": {
+            "type": "steps",
+            "steps": [25, 50],
+            "stepDuration": "300ms",
+            "scaleDownDelay": "0s",
+        },
         "traffic": {"provider": "gateway-api", "service": "web", "httpRoute": "web"},
         "policy": {"name": "latency"},
         "analysis": {"interval": "100ms"},

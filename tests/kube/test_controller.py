@@ -94,7 +94,12 @@ def canary(name: str = "web-release", namespace: str = "default", **spec: Any) -
     body: JsonObject = {
         "targetRef": {"name": "web"},
         "version": {"images": {"web": "web:2"}},
-        "strategy": {"type": "steps", "steps": [25, 50], "stepDuration": "300ms"},
+        "strategy": {
+            "type": "steps",
+            "steps": [25, 50],
+            "stepDuration": "300ms",
+            "scaleDownDelay": "0s",
+        },
         "traffic": {"provider": "gateway-api", "service": "web", "httpRoute": "web"},
         "policy": {"name": "latency"},
         "analysis": {"interval": "100ms"},
@@ -589,6 +594,7 @@ def play_deployment_controller(apiserver: ApiServer) -> None:
             "observedGeneration": meta["generation"],
             "replicas": replicas,
             "readyReplicas": replicas,
+            "availableReplicas": replicas,
             "updatedReplicas": replicas,
         }
         if obj.get("status") != status:

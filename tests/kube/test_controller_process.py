@@ -99,7 +99,12 @@ def release() -> dict[str, Any]:
         "spec": {
             "targetRef": {"name": "web"},
             "version": {"images": {"web": "web:2"}},
-            "strategy": {"type": "steps", "steps": [50], "stepDuration": "1s"},
+            "strategy": {
+                "type": "steps",
+                "steps": [50],
+                "stepDuration": "1s",
+                "scaleDownDelay": "0s",
+            },
             "traffic": {"provider": "gateway-api", "service": "web", "httpRoute": "web"},
             "policy": {"name": "demo"},
             "analysis": {"interval": "1s"},

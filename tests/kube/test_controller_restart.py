@@ -100,7 +100,12 @@ def release(i: int) -> dict[str, Any]:
         "spec": {
             "targetRef": {"name": app},
             "version": {"images": {app: f"{app}:2"}},
-            "strategy": {"type": "steps", "steps": STEPS, "stepDuration": "300ms"},
+            "strategy": {
+                "type": "steps",
+                "steps": STEPS,
+                "stepDuration": "300ms",
+                "scaleDownDelay": "0s",
+            },
             "traffic": {"provider": "gateway-api", "service": app, "httpRoute": app},
             "policy": {"name": "latency"},
             "analysis": {"interval": "100ms"},

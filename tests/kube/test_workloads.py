@@ -23,6 +23,7 @@ from kubernetes.aio import client
 
 from adapters.kube import retry
 from adapters.kube.workloads import (
+    PROMOTED_FROM,
     TRACK_LABEL,
     KubeWorkloads,
     WorkloadError,
@@ -320,7 +321,7 @@ async def test_a_progress_deadline_fails_at_once_and_a_new_version_still_rolls_o
     never = {"metadata": {"annotations": {FAULT: "never-ready"}}}
     loop = asyncio.get_running_loop()
     started = loop.time()
-    with pytest.raises(WorkloadError, match=r"failed to roll out: .*timed out progressing"):
+    with pytest.raises(WorkloadError, match=r"failed to roll out .*timed out progressing"):
         await workloads(controller_api, ready_timeout=60, pod_template_patch=never).bring_up(
             ref(namespace)
         )
@@ -374,7 +375,10 @@ async def test_promote_updates_the_stable_template_and_waits_for_its_rollout(
     # the stable keeps its own labels and selector: no canary label leaks into it
     assert web["spec"]["template"]["metadata"]["labels"] == {"app": "web", TRACK_LABEL: "stable"}
     assert web["spec"]["selector"] == {"matchLabels": {"app": "web"}}
-    assert web["status"]["observedGeneration"] == web["metadata"]["generation"] == 2
+    # the new template, then the kept previous template dropped from the annotations:
+    # a Deployment's generation counts annotation changes too
+    assert web["metadata"]["generation"] == 3
+    assert PROMOTED_FROM not in (web["metadata"].get("annotations") or {})
     # promote returned only when every stable pod ran the new version and was ready
     pods = await live_pods(objects, f"app=web,{TRACK_LABEL}=stable")
     assert len(pods) == 3 and all(is_ready(p) for p in pods)
@@ -427,7 +431,13 @@ async def test_promote_re_reads_and_retries_on_a_conflict(
     # re-read, re-applied: the other writer's change is kept
     assert web["metadata"]["annotations"]["example.com/writer"] == "2"
     writes = await deployment_writes(control_plane, controller_api, namespace, "web")
-    assert writes == [("update", "web", 409), ("update", "web", 409), ("update", "web", 200)]
+    # the new version (after two conflicts), then the kept previous template dropped
+    assert writes == [
+        ("update", "web", 409),
+        ("update", "web", 409),
+        ("update", "web", 200),
+        ("update", "web", 200),
+    ]
 
 
 @pytest.mark.asyncio
@@ -493,7 +503,17 @@ def test_readiness_reads_a_status_as_the_api_server_writes_it() -> None:
     mid = dep(2, observedGeneration=2, replicas=4, updatedReplicas=3, readyReplicas=3)
     done, where = readiness(mid)
     assert not done and "1 old replicas still running" in where
-    settled = dep(2, observedGeneration=2, replicas=3, updatedReplicas=3, readyReplicas=3)
+    ready = dep(2, observedGeneration=2, replicas=3, updatedReplicas=3, readyReplicas=3)
+    # ready but not yet for minReadySeconds: not available, not done
+    assert not readiness(ready)[0]
+    settled = dep(
+        2,
+        observedGeneration=2,
+        replicas=3,
+        updatedReplicas=3,
+        readyReplicas=3,
+        availableReplicas=3,
+    )
     assert readiness(settled)[0]
     # a deadline the controller declared for the generation before is not the new one's
     stuck = [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]
