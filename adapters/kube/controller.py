@@ -518,6 +518,12 @@ class Controller:
             cd = CanaryDeployment.model_validate(manifest)
         except ValidationError as e:
             raise InvalidSpec(_validation_message(e)) from None
+        if cd.spec.traffic.provider == "local":
+            # the schema's default serves `codedance run --local`; a cluster has no local router
+            raise InvalidSpec(
+                "spec.traffic.provider is required on a cluster: istio, nginx-ingress or "
+                "gateway-api (`local` is for `codedance run --local`)"
+            )
         policy_name: str | None = None
         if cd.spec.policy.inline is not None:
             try:

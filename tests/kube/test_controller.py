@@ -486,6 +486,10 @@ async def test_a_release_whose_canary_is_slow_ends_rolled_back_with_the_reason(
     [
         ({"policy": {"name": "nonexistent"}}, "no policy named 'nonexistent'"),
         ({"targetRef": {"name": "missing"}}, "Deployment {namespace}/missing does not exist"),
+        (
+            {"traffic": {"service": "web", "httpRoute": "web"}},
+            "spec.traffic.provider is required on a cluster",
+        ),
     ],
 )
 async def test_an_invalid_release_gets_a_condition_and_touches_no_traffic(
