@@ -34,23 +34,21 @@ from kubernetes.aio import client
 from kubernetes.aio.client.exceptions import ApiException
 
 from adapters.kube.commands import COMMAND, HANDLED, Command, command_patch, pending
-from adapters.kube.controller import Controller, Policies, RolloutRouters, RolloutWorkloads
-from adapters.kube.events import EventAudit, EventRecorder
-from adapters.kube.models import CanaryDeployment
-from adapters.kube.store import StatusStore
-from adapters.kube.workloads import KubeWorkloads
-from adapters.metrics.replay import ReplaySource
-from adapters.traffic.gateway_api import GatewayApiRouter, canary_weights
+from adapters.traffic.gateway_api import canary_weights
 from codedance.cli import main
 from codedance.control_cmd import kubeconfig_user
-from engine.audit import MemoryAudit
-from engine.loop import Engine, LoopClock
-from engine.policystore import PolicyStore
 from tests.cluster.controlplane import ControlPlane
 from tests.cluster.kube import Objects, audit_events, eventually
+from tests.kube.test_controller import (
+    HEALTHY,
+    Rig,
+    canary,
+    http_route,
+    running,
+    stable_deployment,
+)
 
 POLICY = "latency: p99 > 300ms for 1s -> rollback\n"
-HEALTHY = {"canary.p99": "0.1x1000", "stable.p99": "0.1x1000"}
 MANUAL = {  # weights 5, 10, 25
     "type": "manual",
     "stepDuration": "200ms",
@@ -71,128 +69,11 @@ async def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str,
     return code, out, err
 
 
-def stable_deployment() -> JsonObject:
-    labels = {"app": "web", "codedance.io/track": "stable"}
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": "web", "labels": {"app": "web"}},
-        "spec": {
-            "replicas": 2,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {"containers": [{"name": "web", "image": "web:1"}]},
-            },
-        },
-    }
-
-
-def http_route() -> JsonObject:
-    return {
-        "apiVersion": "gateway.networking.k8s.io/v1",
-        "kind": "HTTPRoute",
-        "metadata": {"name": "web"},
-        "spec": {
-            "parentRefs": [{"name": "gateway"}],
-            "rules": [{"backendRefs": [{"name": "web", "port": 80}]}],
-        },
-    }
-
-
-def canary(**spec: Any) -> JsonObject:
-    body: JsonObject = {
-        "targetRef": {"name": "web"},
-        "version": {"images": {"web": "web:2"}},
-        "strategy": {
-            "type": "steps",
-            "steps": [25, 50],
-            "stepDuration": "300ms",
-            "scaleDownDelay": "0s",
-        },
-        "traffic": {"provider": "gateway-api", "service": "web", "httpRoute": "web"},
-        "policy": {"name": "latency"},
-        "analysis": {"interval": "100ms"},
-    }
-    body.update(spec)
-    return {"apiVersion": CD[0], "kind": CD[1], "metadata": {"name": NAME}, "spec": body}
-
-
-class Rig:
-    """The controller wired as `codedance controller` wires it, as the controller's account."""
-
-    def __init__(self, api: client.ApiClient, policies: Path, namespace: str) -> None:
-        self.clock = LoopClock()
-        store = PolicyStore(policies)
-        assert store.load().ok
-        self.policies = Policies(store)
-        self.audit_log = MemoryAudit()
-        audit = EventAudit(self.audit_log, EventRecorder(api, clock=self.clock))
-        routers, workloads = RolloutRouters(), RolloutWorkloads()
-        self.engine = Engine(
-            policies=self.policies,
-            metrics=ReplaySource(HEALTHY, interval=0.1, start=0.0),
-            router=routers,
-            workloads=workloads,
-            store=StatusStore(api, clock=self.clock),
-            audit=audit,
-            clock=self.clock,
-            metrics_window=1.0,
-        )
-
-        def router_for(cd: CanaryDeployment) -> GatewayApiRouter:
-            traffic = cd.spec.traffic
-            stable = traffic.service or cd.spec.target_ref.name
-            return GatewayApiRouter(
-                api,
-                http_route=traffic.http_route or stable,
-                stable_service=stable,
-                canary_service=traffic.canary_service or f"{stable}-canary",
-            )
-
-        def workloads_for(cd: CanaryDeployment) -> KubeWorkloads:
-            version = cd.spec.version
-            return KubeWorkloads(
-                api,
-                images=version.images,
-                pod_template_patch=version.pod_template_patch,
-                clock=self.clock,
-                poll_every=0.05,
-                ready_timeout=30,
-            )
-
-        self.controller = Controller(
-            api,
-            engine=self.engine,
-            policies=self.policies,
-            routers=routers,
-            workloads=workloads,
-            router_for=router_for,
-            workloads_for=workloads_for,
-            audit=audit,
-            clock=self.clock,
-            namespace=namespace,
-            retry_after=0.05,
-        )
-
-    def actions_by(self, actor: str) -> list[Any]:
-        return [e for e in self.audit_log.entries if e.actor == actor]
-
-
-@contextlib.asynccontextmanager
-async def running(rig: Rig) -> AsyncIterator[Rig]:
-    engine = asyncio.ensure_future(rig.engine.run())
-    controller = asyncio.ensure_future(rig.controller.run())
-    try:
-        yield rig
-    finally:
-        await rig.controller.stop()
-        # a real server's watch does not end when we stop: cancel it
-        controller.cancel()
-        await asyncio.gather(controller, return_exceptions=True)
-        await rig.controller.idle()
-        await rig.engine.stop()
-        await asyncio.wait_for(engine, 5)
+def release(**spec: Any) -> JsonObject:
+    """The CanaryDeployment NAME, in the namespace `Cluster.create` gives it."""
+    body = canary(NAME, **spec)
+    del body["metadata"]["namespace"]
+    return body
 
 
 class Cluster:
@@ -279,8 +160,8 @@ async def cluster(
     admin_api: client.ApiClient, namespace: str, control_plane: ControlPlane
 ) -> AsyncIterator[Cluster]:
     view = Cluster(admin_api, namespace, control_plane)
-    await view.create(stable_deployment())
-    await view.create(http_route())
+    await view.create(stable_deployment(namespace=namespace))
+    await view.create(http_route(namespace=namespace))
     yield view
     await view.drop_finalizers()
 
@@ -289,7 +170,7 @@ async def cluster(
 async def rig(
     cluster: Cluster, controller_api: client.ApiClient, policy_dir: Path
 ) -> AsyncIterator[Rig]:
-    async with running(Rig(controller_api, policy_dir, cluster.namespace)) as rig:
+    async with running(Rig(controller_api, policy_dir, HEALTHY, cluster.namespace)) as rig:
         yield rig
 
 
@@ -341,7 +222,7 @@ def test_a_command_is_pending_until_its_id_is_handled() -> None:
 async def test_approve_moves_a_waiting_manual_rollout_one_step_as_the_kubeconfig_user(
     cluster: Cluster, rig: Rig, bob: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    await cluster.create(canary(strategy=MANUAL))
+    await cluster.create(release(strategy=MANUAL))
     status = await cluster.until_phase("WaitingForApproval")
     assert status["step"] == 0
 
@@ -367,7 +248,7 @@ async def test_approve_moves_a_waiting_manual_rollout_one_step_as_the_kubeconfig
 async def test_pause_then_resume(
     cluster: Cluster, rig: Rig, bob: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    await cluster.create(canary(strategy=HOUR))
+    await cluster.create(release(strategy=HOUR))
     await cluster.until_phase("Progressing")
 
     code, out, _ = await cli(capsys, "pause", NAME, "--kubeconfig", bob)
@@ -386,7 +267,7 @@ async def test_pause_then_resume(
 async def test_abort_rolls_the_rollout_back(
     cluster: Cluster, rig: Rig, bob: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    await cluster.create(canary(strategy=HOUR))
+    await cluster.create(release(strategy=HOUR))
 
     async def at_20() -> bool:
         return await cluster.route_weights() == [20]
@@ -410,7 +291,7 @@ async def test_abort_rolls_the_rollout_back(
 async def test_approve_when_nothing_waits_is_refused_with_the_reason(
     cluster: Cluster, rig: Rig, bob: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    await cluster.create(canary(strategy=HOUR))
+    await cluster.create(release(strategy=HOUR))
     step = (await cluster.until_phase("Progressing"))["step"]
 
     code, out, err = await cli(capsys, "approve", NAME, "--kubeconfig", bob)
@@ -439,7 +320,7 @@ async def test_usage_and_missing_objects_exit_2_with_one_line(
 async def test_people_without_the_rights_get_one_line_naming_what_was_refused(
     cluster: Cluster, rig: Rig, bob: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    await cluster.create(canary(strategy=HOUR))
+    await cluster.create(release(strategy=HOUR))
     await cluster.until_phase("Progressing")
     eve = await nobody(cluster, tmp_path, bob)
     for argv in (["pause", NAME], ["status"], ["status", NAME], ["status", "-A"]):
@@ -466,7 +347,7 @@ async def test_a_releaser_may_command_too_and_is_the_actor_recorded(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """alice may release, so she may patch: today a command needs no more than that."""
-    await cluster.create(canary(strategy=HOUR))
+    await cluster.create(release(strategy=HOUR))
     await cluster.until_phase("Progressing")
     alice = str(kubeconfig_as("alice", cluster.namespace))
     code, out, err = await cli(capsys, "pause", NAME, "--kubeconfig", alice)
@@ -480,7 +361,7 @@ async def test_a_releaser_may_command_too_and_is_the_actor_recorded(
 async def test_status_prints_the_table_with_the_explanation(
     cluster: Cluster, rig: Rig, bob: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    await cluster.create(canary(strategy=HOUR))
+    await cluster.create(release(strategy=HOUR))
     status = await cluster.until(lambda s: bool(s.get("lastVerdict")))
     explanation = status["lastVerdict"]
 
@@ -510,8 +391,8 @@ async def test_a_restarted_controller_does_not_run_a_handled_command_again(
     bob: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    async with running(Rig(controller_api, policy_dir, cluster.namespace)):
-        await cluster.create(canary(strategy=MANUAL))
+    async with running(Rig(controller_api, policy_dir, HEALTHY, cluster.namespace)):
+        await cluster.create(release(strategy=MANUAL))
         await cluster.until_phase("WaitingForApproval")
         code, _, _ = await cli(capsys, "approve", NAME, "--kubeconfig", bob)
         assert code == 0
@@ -519,7 +400,7 @@ async def test_a_restarted_controller_does_not_run_a_handled_command_again(
         await cluster.until(lambda s: (s.get("phase"), s.get("step")) == ("WaitingForApproval", 1))
     handled = await cluster.handled()
     assert (handled or {}).get("ok") is True
-    async with running(Rig(controller_api, policy_dir, cluster.namespace)) as second:
+    async with running(Rig(controller_api, policy_dir, HEALTHY, cluster.namespace)) as second:
         key = f"{cluster.namespace}/{NAME}"
 
         async def resumed() -> bool:
@@ -552,7 +433,7 @@ def test_the_user_is_the_kubeconfig_context_user_else_dollar_user(
 async def test_status_watch_prints_again_on_a_change_and_ctrl_c_exits_130(
     cluster: Cluster, rig: Rig, bob: str
 ) -> None:
-    await cluster.create(canary(strategy=HOUR))
+    await cluster.create(release(strategy=HOUR))
     await cluster.until_phase("Progressing")
     process = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -279,6 +279,10 @@ class Rig:
             retry_after=0.05,
         )
 
+    def actions_by(self, actor: str) -> list[Any]:
+        """The audit entries of one actor (a person, the policy, the controller)."""
+        return [e for e in self.audit_log.entries if e.actor == actor]
+
 
 class Cluster:
     """What a user sees in one namespace, read as the admin."""
