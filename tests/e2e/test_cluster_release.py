@@ -18,6 +18,8 @@ grants: nothing refused, and every grant used or explained.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -30,6 +32,7 @@ from typing import Any
 import pytest
 import yaml
 
+from codedance.cli import main
 from tests.cluster.controlplane import CONTROLLER_NAMESPACE, CONTROLLER_USER, ROOT, ControlPlane
 from tests.cluster.kube import audit_events
 
@@ -246,8 +249,32 @@ def releases(
         control_plane.kubectl("delete", "namespace", NS, "--wait=false")
 
 
+def traffic(plane: ControlPlane, name: str) -> dict[str, Any]:
+    """`codedance traffic NAME --json`, run as a person would, read as a document."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["traffic", name, "-n", NS, "--json", f"--kubeconfig={plane.kubeconfig()}"])
+    assert code == 0
+    return dict(json.loads(out.getvalue()))
+
+
 def test_gateway_api_release_is_promoted(releases: Cluster) -> None:
-    releases.wait_for(lambda: releases.phase("web") == "Succeeded", "web to be promoted")
+    # at every step the requests really reaching canary pods are the status's weight
+    matched: set[int] = set()
+    mismatched: dict[int, float] = {}
+    while releases.phase("web") not in ("Succeeded", "RolledBack", "Failed"):
+        view = traffic(releases.plane, "web")
+        assert all("both-tracks" not in b["flags"] for b in view["backends"]), view
+        weight = view["statusWeight"]
+        if view["phase"] != "Progressing" or weight is None:
+            continue
+        # the status is saved just before the route is written: a sample may fall between
+        if abs(view["share"]["canary"] - weight) <= 1:
+            matched.add(weight)
+        else:
+            mismatched[weight] = view["share"]["canary"]
+    assert matched == {5, 10, 25, 50, 75, 100}, (matched, mismatched)
+    assert releases.phase("web") == "Succeeded"
     stable = releases.get("deployment", "web")
     assert stable is not None
     images = [c["image"] for c in stable["spec"]["template"]["spec"]["containers"]]
@@ -268,6 +295,11 @@ def test_gateway_api_release_is_promoted(releases: Cluster) -> None:
     }
     assert weights.get("web") == 100
     assert weights.get("web-canary", 0) == 0
+    # all requests on stable pods, which run the new version
+    after = traffic(releases.plane, "web")
+    assert after["share"]["canary"] == 0 and after["share"]["stable"] == 100, after
+    versions = {g["version"] for b in after["backends"] for g in b["groups"] if g["ready"]}
+    assert versions == {"registry.example.com/web:2.0.0"}, after
 
 
 def test_istio_crashing_canary_is_rolled_back_without_touching_stable(releases: Cluster) -> None:
@@ -289,6 +321,8 @@ def test_istio_crashing_canary_is_rolled_back_without_touching_stable(releases: 
     stable = releases.get("deployment", "api")
     assert stable is not None
     assert stable["spec"]["template"]["spec"]["containers"][0]["image"] == "example.com/api:1"
+    after = traffic(releases.plane, "api")  # no request reaches a canary pod
+    assert after["share"]["canary"] == 0 and after["share"]["stable"] == 100, after
 
 
 def test_nginx_release_deleted_mid_release_restores_stable(releases: Cluster) -> None:
@@ -363,8 +397,10 @@ def granted(manifest: Path) -> dict[tuple[str, str, str], str]:
 
 def test_controller_uses_exactly_the_shipped_rbac(releases: Cluster) -> None:
     # every release above has finished, so the log holds the whole story
-    test_gateway_api_release_is_promoted(releases)
-    test_istio_crashing_canary_is_rolled_back_without_touching_stable(releases)
+    releases.wait_for(lambda: releases.phase("web") == "Succeeded", "web to be promoted")
+    releases.wait_for(lambda: releases.phase("api") == "RolledBack", "api to be rolled back")
+    releases.wait_for(lambda: releases.get("deployment", "web-canary") is None, "web's canary")
+    releases.wait_for(lambda: releases.get("deployment", "api-canary") is None, "api's canary")
     grants = granted(ROOT / "deploy" / "rbac.yaml")
     events = audit_events(releases.plane.audit_log, CONTROLLER_USER)
     # RBAC's refusals only: a 403 from admission (NamespaceLifecycle refuses Events in
