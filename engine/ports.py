@@ -141,6 +141,15 @@ class WorkloadManager(Protocol):
     async def retire(self, rollout: RolloutRef) -> None: ...
 
 
+class ObjectGone(Exception):
+    """The object an adapter works on does not exist (any more).
+
+    A traffic router's error when its routing object is gone, say: the
+    controller then knows there is nothing of it to restore, whatever the
+    adapter, without importing the adapter.
+    """
+
+
 class WorkloadFailed(Exception):
     """A workload will not become ready without a person: retrying the call is pointless.
 

@@ -77,14 +77,19 @@ async def set_weight_confirmed(
     router: TrafficRouter, rollout: RolloutRef, weight: int, clock: Clock
 ) -> None:
     """Write a weight and read it back; retried until the router reports it."""
+    await retry(
+        f"setting weight {weight} for {rollout.namespace}/{rollout.name}",
+        lambda: write_confirmed(router, rollout, weight),
+        clock,
+    )
 
-    async def attempt() -> None:
-        await router.set_weight(rollout, weight)
-        seen = await router.get_weight(rollout)
-        if seen != weight:
-            raise Unconfirmed(f"wrote weight {weight}, the router reports {seen}")
 
-    await retry(f"setting weight {weight} for {rollout.namespace}/{rollout.name}", attempt, clock)
+async def write_confirmed(router: TrafficRouter, rollout: RolloutRef, weight: int) -> None:
+    """Write a weight and read it back once; `Unconfirmed` when the router reports another."""
+    await router.set_weight(rollout, weight)
+    seen = await router.get_weight(rollout)
+    if seen != weight:
+        raise Unconfirmed(f"wrote weight {weight}, the router reports {seen}")
 
 
 async def roll_back(

@@ -81,6 +81,7 @@ from engine.loop import Engine
 from engine.model import AuditEntry, Phase, RolloutSpec, RolloutStatus
 from engine.ports import (
     Clock,
+    ObjectGone,
     PolicyProvider,
     PromotionUndo,
     RolloutRef,
@@ -157,22 +158,10 @@ def owner_reference(cd: CanaryDeployment) -> JsonObject:
 
 
 def is_not_found(error: BaseException) -> bool:
-    """Whether an error, or one it was raised from, is the API server's 404.
-
-    Adapters turn API errors into their own (a `TrafficObjectNotFound`, raised
-    from the `ApiException`); this package may not import them, so it looks
-    at the chain and the class names.
-    """
-    seen: BaseException | None = error
-    for _ in range(10):
-        if seen is None:
-            return False
-        if isinstance(seen, ApiException) and retry.is_not_found(seen):
-            return True
-        if any(c.__name__.endswith("NotFound") for c in type(seen).__mro__):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    """Whether an error is the API server's 404, as an adapter's `ObjectGone` or as is."""
+    if isinstance(error, ObjectGone):
+        return True
+    return isinstance(error, ApiException) and retry.is_not_found(error)
 
 
 def key_of(obj: JsonObject) -> str:
@@ -739,7 +728,10 @@ class Controller:
         canary anyway.
         """
         restored = await self._bounded(
-            key, "returning traffic to stable", lambda: self._weight_zero(ref), NOT_RESTORED
+            key,
+            "returning traffic to stable",
+            lambda: rollback.write_confirmed(self.routers, ref, 0),
+            NOT_RESTORED,
         )
         retired = await self._bounded(
             key, "retiring the canary", lambda: self.workloads.retire(ref), NOT_RETIRED
@@ -748,12 +740,6 @@ class Controller:
             key, "removing the canary route", lambda: self.routers.remove(ref), NOT_RETIRED
         )
         return restored, retired, removed
-
-    async def _weight_zero(self, ref: RolloutRef) -> None:
-        await self.routers.set_weight(ref, 0)
-        seen = await self.routers.get_weight(ref)
-        if seen != 0:
-            raise rollback.Unconfirmed(f"wrote weight 0, the router reports {seen}")
 
     async def _bounded(self, key: str, what: str, attempt: Callable[[], Any], reason: str) -> bool:
         """Run `attempt` until it succeeds, for at most `restore_timeout` seconds.

@@ -32,6 +32,8 @@ from typing import Any, TypeVar
 
 from kubernetes.aio.client.exceptions import ApiException
 
+from engine.ports import ObjectGone
+
 log = logging.getLogger("codedance.traffic")
 
 T = TypeVar("T")
@@ -80,7 +82,7 @@ class TrafficObjectError(Exception):
         super().__init__(f"{obj}: {where}{problem}")
 
 
-class TrafficObjectNotFound(TrafficObjectError):
+class TrafficObjectNotFound(TrafficObjectError, ObjectGone):
     """The object does not exist (the API answered 404)."""
 
     def __init__(self, obj: ObjectName) -> None:
